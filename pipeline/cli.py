@@ -1,0 +1,102 @@
+"""``dpo-pipeline <stage> --config PATH [--output-dir DIR] [key=value ...]``
+
+Stages: ``tokenize``, ``reference``, ``train``, ``run`` (all three, as a Prefect flow) and
+``build-tiny-model``. With ``num_processes`` > 1, ``reference`` and ``train`` relaunch themselves under
+``torchrun`` (or the ``deepspeed`` launcher); under a launcher each rank runs the stage in-process. User
+errors (config, data, artifacts) print one line and exit 2; there is no traceback for input you can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pipeline.errors import PipelineError
+
+STAGES = {
+    "tokenize": "tokenize the preference dataset into the tokenized Parquet artifact",
+    "reference": "score every example with the frozen reference model (DeepSpeed) into Parquet",
+    "train": "train the policy with DeepSpeed ZeRO from the cached reference log-probs (TR-DPO when "
+             "sync_ref_model is set)",
+    "run": "the whole pipeline as a Prefect flow: tokenize -> reference -> train",
+    "build-tiny-model": "build the default tiny Llama + tokenizer (no download) into model_name_or_path",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-pipeline", description="Offline DPO pipeline.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="stages:\n" + "\n".join(f"  {k:18s}{v}" for k, v in STAGES.items()))
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
+    for name, help_text in STAGES.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--config", help="YAML config (TRL DPOConfig field names)")
+        stage.add_argument("--output-dir", help="overrides output_dir")
+        stage.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values in YAML")
+        if name in ("reference", "train"):
+            # Internal: the TR-DPO driver runs one window per job (reference pass of window K, or its steps).
+            stage.add_argument("--window", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    config = load_config(args.config, overrides)
+
+    if args.stage == "build-tiny-model":
+        from pipeline.tiny_model import build_tiny_model
+
+        print(build_tiny_model(config.resolve_path(config.model_name_or_path)))
+    elif args.stage == "tokenize":
+        from pipeline.data import tokenize_stage
+
+        print(tokenize_stage(config))
+    elif args.stage == "run":
+        from flows.pipeline_flow import run_pipeline
+
+        run_pipeline(config)
+    elif args.window is not None:
+        from pipeline import sync
+
+        (sync.reference_window if args.stage == "reference" else sync.train_window)(config, args.window)
+    elif args.stage == "train" and config.sync_ref_model and not _under_launcher():
+        from pipeline.sync import run_tr_dpo
+
+        print(run_tr_dpo(config))
+    elif config.num_processes > 1 and not _under_launcher():
+        from pipeline.launch import run_stage
+
+        run_stage(args.stage, config, on_line=print)
+    elif args.stage == "reference":
+        from pipeline.reference import reference_stage
+
+        print(reference_stage(config))
+    else:
+        from pipeline.train import train_stage
+
+        print(train_stage(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run_command(args)
+    except PipelineError as exc:
+        print(f"dpo-pipeline {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

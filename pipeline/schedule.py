@@ -1,0 +1,74 @@
+"""Which examples every optimizer step consumes, decided before training starts.
+
+The order comes from the seed through its own generator (never the global RNG), and a global batch does not
+depend on how it is split across processes. Three things rely on that:
+
+* resume: a restarted run consumes exactly the batches the killed one would have;
+* data parallelism: 1 process with accumulation 2 and 2 processes with accumulation 1 see the same global
+  batches, so they give the same loss curve;
+* TR-DPO: the examples of each window of tau steps are known in advance, so the reference pass scores
+  exactly those, once (``reference_forwards_per_example`` = 1.00).
+
+An epoch is a fresh permutation of the train split cut into global batches; an incomplete last batch is
+dropped (its examples come first in some other epoch's permutation), so every step has the same size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    example_ids: tuple[int, ...]  # train split ids, sorted
+    global_batch_size: int         # per_device_train_batch_size x gradient_accumulation_steps x processes
+    num_steps: int                 # optimizer steps
+    seed: int
+
+    @classmethod
+    def from_config(cls, config, example_ids, world: int) -> TrainingSchedule:
+        global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
+        ids = tuple(sorted(int(i) for i in example_ids))
+        steps_per_epoch = len(ids) // global_batch
+        if steps_per_epoch == 0:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"per_device_train_batch_size: the global batch ({global_batch}) is larger than "
+                              f"the train split ({len(ids)} examples)")
+        if config.max_steps > 0:
+            steps = config.max_steps
+        else:
+            steps = math.ceil(config.num_train_epochs * steps_per_epoch)
+        return cls(ids, global_batch, steps, config.seed)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.example_ids) // self.global_batch_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        return np.asarray(self.example_ids, dtype=np.int64)[rng.permutation(len(self.example_ids))]
+
+    def step_ids(self, step: int) -> np.ndarray:
+        """The global batch of optimizer step ``step`` (0-based)."""
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} outside the schedule's {self.num_steps} steps")
+        epoch, index = divmod(step, self.steps_per_epoch)
+        start = index * self.global_batch_size
+        return self.epoch_order(epoch)[start:start + self.global_batch_size]
+
+    def window_ids(self, start_step: int, stop_step: int) -> np.ndarray:
+        """All examples consumed by steps [start_step, stop_step), with repeats if an example recurs."""
+        return np.concatenate([self.step_ids(s) for s in range(start_step, min(stop_step, self.num_steps))])
+
+    def micro_batches(self, step: int, rank: int, world: int, accumulation: int) -> list[np.ndarray]:
+        """This rank's micro-batches of a step, in accumulation order.
+
+        Micro-batch ``a`` of rank ``r`` is slice ``a * world + r`` of the global batch: every rank gets the
+        same number of equally sized micro-batches (ZeRO-3 needs ranks in lockstep)."""
+        batch = self.step_ids(step)
+        micro = self.global_batch_size // (world * accumulation)
+        return [batch[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accumulation)]
