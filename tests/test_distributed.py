@@ -1,0 +1,59 @@
+"""ds_config handling: "auto" values come from our config, explicit conflicts are refused."""
+
+import json
+
+import pytest
+
+from pipeline.config import REPO_ROOT, load_config
+from pipeline.distributed import resolve_ds_config, zero_stage
+from pipeline.errors import ConfigError
+
+
+def config(**overrides):
+    return load_config(None, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                              "learning_rate": 1e-4, **overrides})
+
+
+@pytest.mark.parametrize("name, stage", [("ds_zero1.json", 1), ("ds_zero2.json", 2), ("ds_zero3.json", 3),
+                                         ("ds_zero3_offload.json", 3)])
+def test_shipped_configs_fill_auto(name, stage):
+    ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / name)), world=2)
+    assert zero_stage(ds) == stage
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 16)
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
+    assert "auto" not in json.dumps(ds)
+    if "offload" in name:
+        assert ds["zero_force_ds_cpu_optimizer"] is False  # client torch AdamW with offload
+
+
+def test_conflicting_batch_size_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 32, "train_micro_batch_size_per_gpu": "auto",
+                                "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r"train_batch_size=32.*gives 16"):
+        resolve_ds_config(config(deepspeed=str(path)), world=2)
+
+
+def test_optimizer_section_gets_our_hyperparameters(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}))
+    ds = resolve_ds_config(config(deepspeed=str(path)), world=1)
+    assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}}))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        resolve_ds_config(config(deepspeed=str(path)), world=1)
+
+
+def test_fp16_on_cpu_and_missing_file_are_clear_errors(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"fp16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        resolve_ds_config(config(deepspeed=str(path)), world=1)
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_ds_config(config(deepspeed=str(tmp_path / "nope.json")), world=1)
+
+
+def test_inference_config_drops_training_sections():
+    ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / "ds_zero3.json"),
+                                  precompute_ref_batch_size=32), world=2, inference=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 32 and "train_batch_size" not in ds

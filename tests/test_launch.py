@@ -1,0 +1,39 @@
+"""Launcher jobs: output streamed, failures reported with exit code and log tail, groups killed."""
+
+import sys
+import time
+
+import psutil
+import pytest
+
+from pipeline.launch import JobFailed, run_job
+
+
+def test_output_is_streamed_and_logged(tmp_path):
+    lines = []
+    run_job("demo", [sys.executable, "-c", "print('a'); print('b')"], log_path=tmp_path / "job.log",
+            on_line=lines.append)
+    assert lines == ["a", "b"]
+    assert "a\nb\n" in (tmp_path / "job.log").read_text()
+
+
+def test_failure_reports_exit_code_and_tail(tmp_path):
+    with pytest.raises(JobFailed) as info:
+        run_job("demo", [sys.executable, "-c", "import sys; print('boom at step 3'); sys.exit(3)"],
+                log_path=tmp_path / "job.log")
+    assert info.value.returncode == 3 and "boom at step 3" in str(info.value)
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    # A parent that starts a grandchild and then sleeps: both must be gone after the timeout.
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print(p.pid, flush=True); time.sleep(60)")
+    pids = []
+    start = time.monotonic()
+    with pytest.raises(JobFailed, match="timeout"):
+        run_job("demo", [sys.executable, "-c", script], log_path=tmp_path / "job.log", timeout=2,
+                on_line=lambda line: pids.append(int(line)))
+    assert time.monotonic() - start < 20
+    time.sleep(0.2)
+    assert pids and not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
