@@ -1,0 +1,62 @@
+"""Shared fixtures: the tiny model (built once per session), a small config factory and a tokenized artifact."""
+
+import os
+
+# Before anything imports DeepSpeed or the Hugging Face libraries: DeepSpeed must not probe for CUDA here, and
+# with no internet a Hub lookup should fail at once instead of retrying for half a minute.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline.config import REPO_ROOT, load_config  # noqa: E402
+
+SHIPPED_DATA = REPO_ROOT / "data" / "preference"
+SMALL_SPLITS = {"train": 64, "test": 32}  # rows kept from the head of each shipped split
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from pipeline.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+def write_small_dataset(directory: Path) -> Path:
+    """The first rows of the shipped splits, byte for byte, as ``directory/{train,test}.jsonl``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, rows in SMALL_SPLITS.items():
+        lines = (SHIPPED_DATA / f"{split}.jsonl").read_text().splitlines(keepends=True)[:rows]
+        (directory / f"{split}.jsonl").write_text("".join(lines))
+    return directory
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir):
+    """Factory: ``make_config(**overrides)`` -> a validated config on the tiny model and 64/32 rows of data."""
+    data_dir = write_small_dataset(tmp_path / "data")
+
+    def make(**overrides):
+        values = {
+            "model_name_or_path": str(tiny_model_dir),
+            "output_dir": str(tmp_path / "out"),
+            "dataset_name": str(data_dir),
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+        }
+        values.update(overrides)
+        return load_config(None, values)
+
+    return make
+
+
+@pytest.fixture
+def tokenized_dir(make_config) -> Path:
+    """The tokenized artifact of the default small config."""
+    from pipeline.data import tokenize_stage
+
+    return tokenize_stage(make_config())
