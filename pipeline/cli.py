@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from pipeline.errors import PipelineError
@@ -41,12 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ
-
-
 def run_command(args: argparse.Namespace) -> None:
     from pipeline.config import load_config
+    from pipeline.distributed import under_launcher
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -69,11 +65,11 @@ def run_command(args: argparse.Namespace) -> None:
         from pipeline import sync
 
         (sync.reference_window if args.stage == "reference" else sync.train_window)(config, args.window)
-    elif args.stage == "train" and config.sync_ref_model and not _under_launcher():
+    elif args.stage == "train" and config.sync_ref_model and not under_launcher():
         from pipeline.sync import run_tr_dpo
 
         print(run_tr_dpo(config))
-    elif config.num_processes > 1 and not _under_launcher():
+    elif config.num_processes > 1 and not under_launcher():
         from pipeline.launch import run_stage
 
         run_stage(args.stage, config, on_line=print)

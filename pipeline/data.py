@@ -52,7 +52,6 @@ from pipeline.artifacts import (
 )
 from pipeline.config import DPOPipelineConfig
 from pipeline.errors import ArtifactError, ConfigError, DataError
-from pipeline.tiny_model import ensure_model
 
 log = logging.getLogger(__name__)
 
@@ -526,8 +525,6 @@ def _log_split(source: SplitSource, stats: SplitStats) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def _model_dir(config: DPOPipelineConfig) -> Path:
-    return ensure_model(config.resolve_path(config.model_name_or_path))
 
 
 def _inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[str, SplitSource]) -> dict[str, Any]:
@@ -543,7 +540,7 @@ def _inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[str, Split
 
 def tokenized_fingerprint(config: DPOPipelineConfig) -> str:
     """The fingerprint of the artifact ``config`` gives, computed from the inputs alone (no tokenizing)."""
-    return expected_fingerprint(KIND, SCHEMA_VERSION, _inputs(config, _model_dir(config), resolve_sources(config)))
+    return expected_fingerprint(KIND, SCHEMA_VERSION, _inputs(config, config.model_dir(), resolve_sources(config)))
 
 
 def _load_tokenizer(model_dir: Path):
@@ -565,7 +562,7 @@ def _token_ids(tokenizer) -> dict[str, int | None]:
 
 def tokenize_stage(config: DPOPipelineConfig) -> Path:
     """Build (or reuse, if an artifact with the same fingerprint is complete) the tokenized artifact; return its dir."""
-    model_dir = _model_dir(config)
+    model_dir = config.model_dir()
     sources = resolve_sources(config)
     inputs = _inputs(config, model_dir, sources)
     fp = expected_fingerprint(KIND, SCHEMA_VERSION, inputs)

@@ -21,6 +21,8 @@ import torch
 
 from pipeline.errors import ConfigError
 
+NO_LAUNCHER = "DPO_PIPELINE_NO_LAUNCHER"
+
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
@@ -30,10 +32,16 @@ def prepare_environment() -> None:
     """Environment every DeepSpeed process needs; safe to call more than once, before importing deepspeed."""
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Single process without a launcher: DeepSpeed would otherwise look for MPI to discover its rank.
+    # Single process without a launcher: DeepSpeed would otherwise look for MPI to discover its rank. The
+    # marker tells these made-up variables from a launcher's (see under_launcher).
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()), **{NO_LAUNCHER: "1"})
+
+
+def under_launcher() -> bool:
+    """True in a rank started by torchrun or the deepspeed launcher (not in a plain single process)."""
+    return "LOCAL_RANK" in os.environ and NO_LAUNCHER not in os.environ
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import DPOPipelineConfig, save_config
-from pipeline.distributed import free_port, on_gpu
+from pipeline.distributed import NO_LAUNCHER, free_port, on_gpu
 from pipeline.errors import PipelineError
 
 _LIVE_GROUPS: set[int] = set()
@@ -82,7 +82,7 @@ def stage_command(stage: str, config_path: Path, *, num_processes: int, launcher
 def job_environment() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # A launcher sets these itself; values inherited from a parent job would confuse it.
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", NO_LAUNCHER):
         env.pop(key, None)
     if not on_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -84,7 +84,6 @@ from pipeline.distributed import (
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.logprobs import collate_pairs, completion_logps
 from pipeline.losses import PairLogps
-from pipeline.tiny_model import ensure_model
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +126,6 @@ def _inputs(*, tokenized_fingerprint: str, weights_hash: str, dtype: str, splits
     }
 
 
-def _model_dir(config: DPOPipelineConfig) -> Path:
-    # The same resolution as the tokenize stage: the tokenizer and the reference come from one directory.
-    return ensure_model(config.resolve_path(config.model_name_or_path))
-
-
 def _stage_splits(config: DPOPipelineConfig) -> list[str]:
     """train + eval; only eval under TR-DPO, whose driver scores each train window with its own reference."""
     present = data.resolve_sources(config)
@@ -149,7 +143,7 @@ class _StagePlan:
 
 def _stage_plan(config: DPOPipelineConfig) -> _StagePlan:
     tokenized_fp = data.tokenized_fingerprint(config)
-    model_dir = _model_dir(config)
+    model_dir = config.model_dir()
     splits = _stage_splits(config)
     inputs = _inputs(tokenized_fingerprint=tokenized_fp, weights_hash=model_weights_hash(model_dir),
                      dtype=_dtype_name(config), splits=splits, example_ids=None, extra_inputs=None)

@@ -87,15 +87,26 @@ def build_tiny_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, corpus_files=DE
     return out_dir
 
 
-def ensure_model(path: Path) -> Path:
-    """Build the default tiny model when the config names it and it is missing; refuse other missing paths."""
+def ensure_model(path: Path, name: str | None = None) -> Path:
+    """The local model directory for ``model_name_or_path``.
+
+    An existing directory is used as is; the default tiny model is built when missing; any other name is fetched
+    from the Hugging Face Hub (``snapshot_download``, cached), which fails with a clear error offline."""
     from pipeline.errors import ConfigError
 
     if path.exists():
         return path
     if path.resolve() == DEFAULT_MODEL_DIR.resolve():
         return build_tiny_model(path)
-    raise ConfigError(f"model_name_or_path: model directory not found: {path}")
+    if name is None or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ConfigError(f"model_name_or_path: model directory not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name))
+    except Exception as exc:  # network, auth or missing repo: all mean "this model cannot be had here"
+        raise ConfigError(f"model_name_or_path: '{name}' is not a local directory and could not be fetched from "
+                          f"the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 if __name__ == "__main__":

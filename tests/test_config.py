@@ -111,3 +111,15 @@ def test_relative_paths_resolve_against_the_repository(tmp_path, monkeypatch):
     cfg = load_config(None, ["deepspeed=configs/ds_zero2.json"])
     assert cfg.resolve_path(cfg.deepspeed) == REPO_ROOT / "configs" / "ds_zero2.json"
     assert cfg.output_path == tmp_path / "outputs" / "default"
+
+
+def test_model_dir_refuses_missing_paths_and_unreachable_hub_names(tmp_path):
+    with pytest.raises(ConfigError, match="model directory not found"):
+        load_config(None, {"model_name_or_path": str(tmp_path / "missing")}).model_dir()
+    # conftest sets HF_HUB_OFFLINE=1: a hub name fails at once with a message that says what was tried.
+    with pytest.raises(ConfigError, match="could not be fetched from the Hugging Face Hub"):
+        load_config(None, {"model_name_or_path": "nobody/no-such-model"}).model_dir()
+
+
+def test_model_dir_uses_an_existing_directory(tiny_model_dir):
+    assert load_config(None, {"model_name_or_path": str(tiny_model_dir)}).model_dir() == tiny_model_dir
