@@ -65,13 +65,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 
 
+_WEIGHTS_HASHES: dict[tuple, str] = {}
+
+
 def model_weights_hash(model_dir: str | Path) -> str:
-    """Content hash of a local model directory's weights and ``config.json`` (streamed)."""
-    model_dir = Path(model_dir)
-    names = [p.name for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_METADATA]
+    """Content hash of a local model directory's weights and ``config.json`` (streamed).
+
+    Remembered per process by each file's (name, size, mtime): stages ask for it several times (their own
+    fingerprint, their inputs' fingerprints), and a 7B model takes tens of seconds to hash."""
+    model_dir = Path(model_dir).resolve()
+    names = sorted(p.name for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_METADATA)
     if not any(Path(n).suffix in WEIGHT_SUFFIXES for n in names):
         raise ArtifactError(f"no weight files (*.safetensors / *.bin) in model directory {model_dir}")
-    return hash_files(model_dir, names)
+    stats = tuple((n, (model_dir / n).stat().st_size, (model_dir / n).stat().st_mtime_ns) for n in names)
+    key = (str(model_dir), stats)
+    if key not in _WEIGHTS_HASHES:
+        _WEIGHTS_HASHES[key] = hash_files(model_dir, names)
+    return _WEIGHTS_HASHES[key]
 
 
 def tokenizer_hash(model_dir: str | Path) -> str:

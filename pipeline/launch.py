@@ -13,6 +13,7 @@ the config and shared storage for ``output_dir``).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import collections
 import hashlib
 import os
@@ -68,6 +69,16 @@ def _kill_group(pgid: int, grace: float = 5.0) -> None:
 atexit.register(kill_all_jobs)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the process that started the job dies, even by SIGKILL.
+
+    The job runs in its own session (so one killpg ends it), which also cuts it off from its parent's fate; a
+    driver killed outright would otherwise leave a job running that races with the rerun. torchrun and the
+    deepspeed launcher end their ranks on SIGTERM."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def stage_command(stage: str, config_path: Path, *, num_processes: int, launcher: str,
                   extra_args: tuple[str, ...] = ()) -> list[str]:
     port = str(free_port())
@@ -95,7 +106,7 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=job_environment(), start_new_session=True)
+                            env=job_environment(), start_new_session=True, preexec_fn=_die_with_parent)
     with _LOCK:
         _LIVE_GROUPS.add(proc.pid)
     timer = threading.Timer(timeout, _kill_group, args=(proc.pid,)) if timeout else None

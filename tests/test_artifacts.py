@@ -3,7 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.artifacts import (atomic_path, expected_fingerprint, fingerprint, is_complete, read_manifest,
+from pipeline.artifacts import (atomic_path, expected_fingerprint, fingerprint, is_complete, model_weights_hash,
+                                read_manifest,
                                 write_manifest, write_parquet)
 from pipeline.errors import ArtifactError
 
@@ -60,3 +61,16 @@ def test_missing_manifest_means_incomplete(tmp_path):
     write_parquet(table(), tmp_path / "data.parquet")
     with pytest.raises(ArtifactError, match="missing or incomplete"):
         read_manifest(tmp_path, kind="demo")
+
+
+def test_weights_hash_follows_content(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    first = model_weights_hash(copy)
+    assert model_weights_hash(tiny_model_dir) == first  # same content, other path
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert model_weights_hash(copy) != first  # the remembered hash is keyed on size and mtime, not trusted blindly

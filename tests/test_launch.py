@@ -1,5 +1,6 @@
 """Launcher jobs: output streamed, failures reported with exit code and log tail, groups killed."""
 
+import subprocess
 import sys
 import time
 
@@ -37,3 +38,20 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     assert time.monotonic() - start < 20
     time.sleep(0.2)
     assert pids and not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_job_dies_with_the_process_that_started_it(tmp_path):
+    # A driver starts a job and is then SIGKILLed: the job must not outlive it (it would race with a rerun).
+    driver = ("import sys; from pathlib import Path; from pipeline.launch import run_job; "
+              "run_job('demo', [sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); "
+              "time.sleep(60)'], log_path=Path(sys.argv[1]), on_line=print)")
+    proc = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path / "job.log")], stdout=subprocess.PIPE,
+                            text=True)
+    job_pid = int(proc.stdout.readline())
+    assert psutil.pid_exists(job_pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(job_pid) and psutil.Process(job_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "job outlived its killed driver"
+        time.sleep(0.1)
