@@ -1,0 +1,109 @@
+"""Stage jobs seen from Prefect: their output in the task's log, their progress as an artifact, and their end.
+
+* :class:`JobOutput` is the ``on_line`` of :func:`pipeline.launch.run_stage`: every line of the job goes to the
+  Prefect task's log, except the refreshes of the stage's own tqdm bar (described by the stage's name:
+  ``train:  45%|...``; one line per refresh, because the launcher reads the pipe in text mode, which turns
+  tqdm's carriage returns into line ends). Those drive a progress artifact instead, updated (and logged) every
+  :data:`PROGRESS_STEP` percent, so a long stage costs a few dozen API calls, not thousands.
+* :func:`stop_flow_run_jobs` is the flow's ``on_cancellation`` / ``on_crashed`` hook. It ends the jobs this
+  process started (:func:`pipeline.launch.kill_all_jobs`) and every other process group whose leader carries
+  the flow run's id in its environment. The second part matters for deployments: there the runner (worker or
+  ``serve``) runs ``on_cancellation`` hooks in its own process, while the jobs belong to the flow-run
+  subprocess it started (which sets ``PREFECT__FLOW_RUN_ID``, inherited by every job).
+
+How a cancelled run leaves no process, in order: the runner SIGTERMs the flow-run process; Prefect turns that
+into an exception in the main thread, where the task is blocked reading the job's output; ``run_job``'s
+``finally`` kills the job's whole process group. The hook then sweeps anything left, even after a SIGKILLed
+flow process. Timeouts are the launcher's (``run_stage(timeout=...)`` kills the group itself), not Prefect's
+``timeout_seconds``: Prefect can interrupt a blocked pipe read only in the main thread.
+
+Trade-offs: progress comes from tqdm's default bar format; a stage printing another format still logs every
+line, but its progress artifact then moves only at the end. The sweep reads the environment of every process
+of this user (psutil), a few milliseconds, once per cancelled or crashed run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import psutil
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging.loggers import flow_run_logger
+
+from pipeline.launch import kill_all_jobs
+
+PROGRESS_STEP = 5.0  # percent between two updates of a progress artifact
+# tqdm's default bar: "<desc>: <percent>%|<bar>| <n>/<total> [...]"
+_TQDM = re.compile(r"^\s*(?P<desc>[\w .-]*?):\s+(?P<percent>\d{1,3})%\|")
+
+
+def parse_progress(line: str) -> tuple[str, float] | None:
+    """``(description, percent)`` of a tqdm progress line, or None for any other line."""
+    match = _TQDM.match(line)
+    return (match["desc"], float(match["percent"])) if match else None
+
+
+class JobOutput:
+    """``on_line`` for a stage job inside a Prefect task: lines to the task's log, and the stage's own tqdm bar
+    (the one whose description is ``bar``, e.g. "train"; not "Loading weights") to a progress artifact."""
+
+    def __init__(self, bar: str, key: str, description: str):
+        self.bar = bar
+        self.logger = get_run_logger()
+        self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+        self.shown: float | None = None  # the percentage last shown; None until the bar first appears
+
+    def __call__(self, line: str) -> None:
+        if not line.strip():
+            return  # tqdm's carriage returns leave empty lines
+        progress = parse_progress(line)
+        if progress is None or progress[0] != self.bar:
+            self.logger.info(line)
+            return
+        percent = progress[1]
+        if self.shown is None or percent >= self.shown + PROGRESS_STEP or (percent == 100.0 > self.shown):
+            self.shown = percent
+            update_progress_artifact(self.artifact_id, progress=percent)
+            self.logger.info(line)
+
+    def finish(self) -> None:
+        """After a successful job. One that showed no bar found its artifact complete: it is 100 % done. (One
+        that did, say a TR-DPO window ending at step 40 of 120, keeps the share its bar reached.)"""
+        if self.shown is None:
+            self.shown = 100.0
+            update_progress_artifact(self.artifact_id, progress=100.0)
+
+
+def kill_flow_run_groups(flow_run_id: str, grace: float = 5.0) -> int:
+    """SIGTERM (then SIGKILL after ``grace`` s) every process group, other than ours, led by a process of the flow
+    run ``flow_run_id``. Returns how many groups were signalled."""
+    own_group = os.getpgrp()
+    leaders = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == own_group or os.getpgid(proc.pid) != proc.pid:
+                continue
+            if proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                leaders.append(proc)
+        except (psutil.Error, ProcessLookupError):
+            continue  # gone meanwhile, a zombie, or another user's process
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for leader in leaders:
+            try:
+                os.killpg(leader.pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGTERM:
+            psutil.wait_procs(leaders, timeout=grace)  # a launcher ends its ranks on SIGTERM; give it the chance
+    return len(leaders)
+
+
+def stop_flow_run_jobs(flow, flow_run, state) -> None:
+    """Flow hook (on_cancellation, on_crashed): no job of this flow run outlives it."""
+    ended = kill_all_jobs() + kill_flow_run_groups(str(flow_run.id))
+    if ended:
+        # flow_run_logger, not get_run_logger: a runner calls this hook outside any run context.
+        flow_run_logger(flow_run, flow).warning("flow run %s: ended %d job process group(s)", state.name, ended)

@@ -1,0 +1,140 @@
+"""The pipeline as Prefect flows: one per stage and ``dpo-pipeline`` for the whole run.
+
+    dpo-pipeline run --config configs/default.yaml          # this flow, locally, on a temporary Prefect API
+
+Features:
+
+* **Flows** ``dpo-tokenize``, ``dpo-reference``, ``dpo-train`` and ``dpo-pipeline`` (tokenize -> reference
+  pass -> train; under TR-DPO the training is, per window, reference pass -> train window -> mix, each a task).
+  Their parameters are JSON (a config path, an overrides dict, a job timeout), so deployments and the UI can
+  set them; the config is validated first thing, so a bad value fails the run at once with the config's own
+  message, before any tokenizing.
+* **Caching and retries** by artifact fingerprint: see :mod:`flows.tasks`.
+* **No orphan process**: DeepSpeed jobs run in their own process groups, ended on cancellation and crash by
+  the flows' hooks and on timeout by the launcher (see :mod:`flows.jobs`).
+* **Prefect artifacts**: a progress bar per long stage while it runs, then the final metrics table and a
+  markdown report with the plots and the artifact manifests (:mod:`flows.report`).
+* :func:`run_pipeline` is what ``dpo-pipeline run`` calls: it checks the Prefect API first (an unreachable
+  ``PREFECT_API_URL`` is one clear line, not a connection traceback), runs the flow in this process and prints
+  where everything is.
+
+Prefect is imported only under ``flows/``: the ``pipeline`` library and its stage commands run without it.
+
+Trade-off: the parameters are a path and a free-form dict rather than the typed config, so the UI's run form
+cannot check a value as it is typed; the flow's first line does, and fails the run before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_client
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
+
+from flows.jobs import stop_flow_run_jobs
+from flows.report import format_report, publish_report
+from flows.tasks import (
+    WindowTasks,
+    reference_task,
+    run_cached,
+    tokenize_task,
+    tokenized_dir_for,
+    train_task,
+)
+from pipeline.config import DPOPipelineConfig, load_config
+from pipeline.errors import PipelineError
+from pipeline.reference import reference_dir_for
+from pipeline.sync import run_tr_dpo
+from pipeline.train import train_dir_for
+
+DEFAULT_CONFIG = "configs/default.yaml"
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
+_JOB_HOOKS = {"on_cancellation": [stop_flow_run_jobs], "on_crashed": [stop_flow_run_jobs]}
+
+
+def _tokenize(config: DPOPipelineConfig) -> str:
+    return run_cached(tokenize_task, config, tokenized_dir_for(config))
+
+
+def _reference(config: DPOPipelineConfig, timeout: float | None) -> str:
+    return run_cached(reference_task, config, reference_dir_for(config), timeout=timeout)
+
+
+def _train(config: DPOPipelineConfig, timeout: float | None) -> str:
+    if config.sync_ref_model:
+        # The driver skips every window whose artifacts are complete: a rerun runs no window task at all.
+        return str(run_tr_dpo(config, executor=WindowTasks(timeout)))
+    return run_cached(train_task, config, train_dir_for(config), timeout=timeout)
+
+
+@flow(name="dpo-tokenize")
+def tokenize_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None) -> str:
+    """Tokenize the preference dataset (returns the tokenized artifact's directory)."""
+    return _tokenize(load_config(config_path, overrides))
+
+
+@flow(name="dpo-reference", **_JOB_HOOKS)
+def reference_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
+                   job_timeout_s: float | None = None) -> str:
+    """The reference pass (needs the tokenized artifact; returns the reference artifact's directory)."""
+    return _reference(load_config(config_path, overrides), job_timeout_s)
+
+
+@flow(name="dpo-train", **_JOB_HOOKS)
+def train_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
+               job_timeout_s: float | None = None) -> str:
+    """Training from the cached reference log-probs (returns the run directory)."""
+    config = load_config(config_path, overrides)
+    run_dir = _train(config, job_timeout_s)
+    publish_report(config, run_dir)
+    return run_dir
+
+
+@flow(name="dpo-pipeline", **_JOB_HOOKS)
+def dpo_pipeline(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
+                 job_timeout_s: float | None = None) -> dict[str, str]:
+    """tokenize -> reference pass -> train. ``overrides`` are config values (``{"beta": 0.2}``) applied over
+    ``config_path``; ``job_timeout_s`` bounds each DeepSpeed job. Returns the artifact directories."""
+    config = load_config(config_path, overrides)
+    paths = {"tokenized": _tokenize(config)}
+    paths["reference"] = _reference(config, job_timeout_s)
+    paths["train"] = _train(config, job_timeout_s)
+    publish_report(config, paths["train"])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- local runs
+def check_prefect_api(*, server_required: bool = False) -> None:
+    """Raise a one-line PipelineError when ``PREFECT_API_URL`` is set but nothing healthy answers there (or,
+    with ``server_required``, when it is unset). Unset, a run gets a temporary local API from Prefect."""
+    url = PREFECT_API_URL.value()
+    start = "start one with `prefect server start` and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
+    if not url:
+        if server_required:
+            raise PipelineError(f"this needs a running Prefect server: {start}")
+        return
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        fallback = "" if server_required else ", or unset PREFECT_API_URL to run on a temporary local API"
+        raise PipelineError(f"the Prefect API at {url} is unreachable ({type(error).__name__}: {error}); "
+                            f"start it with `prefect server start`{fallback}")
+
+
+def run_pipeline(config: DPOPipelineConfig) -> dict[str, str]:
+    """Run the ``dpo-pipeline`` flow in this process for a validated config; print where the results are."""
+    check_prefect_api()
+    # The flow takes JSON parameters: the config travels as its values (all of them, so nothing depends on a
+    # file), with output_dir absolute so the run's records name the real place.
+    values = config.model_dump(mode="json") | {"output_dir": str(config.output_path)}
+    # The temporary API's first start migrates a fresh SQLite database: on a busy 2-core machine that takes
+    # longer than Prefect's default 20 s wait, and the run would die before its first task.
+    startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_TIMEOUT_S)
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
+        paths = dpo_pipeline(config_path=None, overrides=values)
+    print(format_report(config, paths))
+    return paths

@@ -1,0 +1,132 @@
+"""The pipeline's Prefect tasks: one per stage (and per TR-DPO window step), cached by artifact fingerprint.
+
+* **Cache key = artifact fingerprint.** A stage task gets the content-addressed directory of its artifact
+  (``<output_dir>/<stage>/<fingerprint[:16]>``, computed from the inputs before any work) and its cache key is
+  ``<task>-<that directory name>``: the content, not the config path or the run. Unchanged inputs give a
+  ``Cached`` state and no job at all; a changed ``beta`` changes only the training fingerprint.
+* **Cache records live beside the artifacts** (``<output_dir>/prefect-cache``), so two output directories
+  never answer for each other, and deleting an output directory deletes its records too.
+* **Prefect's cache is a shortcut, never the truth.** A task whose artifact has no manifest on disk refreshes
+  its record (runs, then overwrites it), so a ``Cached`` state always means the files are there. And every
+  stage itself reuses a complete artifact, and resumes a partial one, without Prefect.
+* **Heavy tasks run DeepSpeed jobs** through :func:`pipeline.launch.run_stage` (``num_processes`` ranks under
+  the launcher, in their own process group), their output and progress streamed by :class:`flows.jobs.JobOutput`.
+* **Retries** (:data:`JOB_RETRIES`) for the reference pass, training and the window steps: a retried reference
+  pass keeps its committed shards and a retried training resumes from its last DeepSpeed checkpoint, because
+  that is what the stages do when rerun. A job that refused its input (bad config, data or artifact) is not
+  retried: the same input would be refused again.
+* **TR-DPO**: :class:`WindowTasks` is the executor of :func:`pipeline.sync.run_tr_dpo`, so the driver's loop
+  (which steps, in which order, what to skip) stays in one place and each step it runs is a task here.
+
+Trade-offs: the cache key holds the first 16 hex digits of the fingerprint (64 bits, as the directory name
+does). Tasks run one after the other in the flow's process, which mostly waits on its jobs; the stages depend
+on each other, so there is nothing to run in parallel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from flows.jobs import JobOutput
+from pipeline import launch
+from pipeline.artifacts import MANIFEST, artifact_dir
+from pipeline.config import DPOPipelineConfig
+from pipeline.data import KIND as TOKENIZED_KIND
+from pipeline.data import tokenize_stage, tokenized_fingerprint
+from pipeline.errors import PipelineError
+from pipeline.sync import Step
+
+CACHE_DIR = "prefect-cache"
+JOB_RETRIES = 2
+JOB_RETRY_DELAY_S = 10
+# The stage CLI prints a PipelineError as this one line (and exits 2), but torchrun reports any failed rank as
+# exit code 1: the line is how a task tells input that a retry cannot fix from a crash or a kill.
+_REFUSED_INPUT = re.compile(r"^dpo-pipeline \w+: error: ", re.MULTILINE)
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, launch.JobFailed):
+        return not _REFUSED_INPUT.search(error.tail)
+    return not isinstance(error, PipelineError)
+
+
+def _artifact_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return f"{context.task.name}-{Path(parameters['artifact']).name}"
+
+
+def _stage_task(name: str, *, retries: int = 0) -> Callable:
+    return task(name=name, cache_key_fn=_artifact_key, persist_result=True, retries=retries,
+                retry_delay_seconds=JOB_RETRY_DELAY_S, retry_condition_fn=_worth_retrying)
+
+
+def run_cached(stage_task, config: DPOPipelineConfig, artifact: Path, **kwargs: Any) -> str:
+    """Run ``stage_task(config, artifact, **kwargs)`` with its cache records under the output dir, refreshed
+    when ``artifact`` is not committed on disk."""
+    configured = stage_task.with_options(result_storage=config.output_path / CACHE_DIR,
+                                         refresh_cache=not (artifact / MANIFEST).is_file())
+    return configured(config, str(artifact), **kwargs)
+
+
+def run_job(stage: str, config: DPOPipelineConfig, *, artifact: str, extra_args: tuple[str, ...] = (),
+            timeout: float | None = None) -> None:
+    """A stage as a launcher job, its output in this task's log and its progress in the ``<stage>-progress``
+    artifact (under TR-DPO the training bar counts all steps, so it shows the whole run across windows)."""
+    output = JobOutput(stage, f"{stage}-progress", f"{stage} -> {artifact}")
+    launch.run_stage(stage, config, extra_args=extra_args, on_line=output, timeout=timeout)
+    output.finish()
+
+
+# ---------------------------------------------------------------------------------------------- stage tasks
+def tokenized_dir_for(config: DPOPipelineConfig) -> Path:
+    return artifact_dir(config.output_path, TOKENIZED_KIND, tokenized_fingerprint(config))
+
+
+@_stage_task("tokenize")
+def tokenize_task(config: DPOPipelineConfig, artifact: str) -> str:
+    # In this process: tokenizing needs no model, and a job would only add the launcher's start-up time.
+    return str(tokenize_stage(config))
+
+
+@_stage_task("reference-pass", retries=JOB_RETRIES)
+def reference_task(config: DPOPipelineConfig, artifact: str, timeout: float | None = None) -> str:
+    run_job("reference", config, artifact=artifact, timeout=timeout)
+    return artifact
+
+
+@_stage_task("train", retries=JOB_RETRIES)
+def train_task(config: DPOPipelineConfig, artifact: str, timeout: float | None = None) -> str:
+    run_job("train", config, artifact=artifact, timeout=timeout)
+    return artifact
+
+
+# ---------------------------------------------------------------------------------------------- TR-DPO
+@task(cache_policy=NO_CACHE, retries=JOB_RETRIES, retry_delay_seconds=JOB_RETRY_DELAY_S,
+      retry_condition_fn=_worth_retrying)
+def window_step_task(step: Step, config: DPOPipelineConfig, timeout: float | None = None) -> str:
+    if step.stage is None:
+        step.fn()
+    else:
+        run_job(step.stage, config, artifact=str(step.artifact), extra_args=step.args, timeout=timeout)
+    return str(step.artifact)
+
+
+class WindowTasks:
+    """The TR-DPO driver's executor (:data:`pipeline.sync.Executor`): each step the driver runs becomes a task
+    named after it (``reference-window-3``, ``train-window-3``, ``mix-window-3``).
+
+    Not cached by Prefect: the driver calls a step only when its artifact is incomplete, and it resumes the run
+    from the artifacts themselves, so a cache could only ever answer "run it"."""
+
+    def __init__(self, timeout: float | None = None):
+        self.timeout = timeout
+
+    def __call__(self, step: Step, config: DPOPipelineConfig) -> None:
+        window_step_task.with_options(name=step.name)(step, config, self.timeout)

@@ -1,0 +1,555 @@
+"""Training stage: DPO with DeepSpeed ZeRO from the cached reference log-probs; no reference model is loaded.
+
+    dpo-pipeline train --config cfg.yaml                                     # 1 process
+    dpo-pipeline train --config cfg.yaml num_processes=2 deepspeed=configs/ds_zero3.json
+    deepspeed --hostfile hostfile --module pipeline.cli train --config cfg.yaml   # multi-node
+
+One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
+
+1. **Checks before any step**, before the engine exists: the ds_config (``"auto"`` filled from the config,
+   conflicts refused by :func:`pipeline.distributed.resolve_ds_config`); the tokenized artifact; each reference
+   artifact was made from exactly this tokenized artifact (and, for the default one, scored with the policy's
+   initial weights), has no NaN/inf and no duplicate ids, and holds every example id the steps will read; a
+   checkpoint to resume from was made with this config and world size.
+2. **Policy**: ``from_pretrained`` with every dropout probability set to 0 (loaded already partitioned under
+   ZeRO-3 through ``HfDeepSpeedConfig``), torch AdamW (no JIT compile; the ds_config's ``optimizer`` section
+   wins when present), transformers' warmup + linear/cosine/constant schedule as a LambdaLR stepped by
+   DeepSpeed. ZeRO 0-3, CPU offload, fp32 or bf16: whatever the ds_config says.
+3. **Step**: the examples of each optimizer step come from :class:`pipeline.schedule.TrainingSchedule` (seeded,
+   its own generator), so a resumed or differently sharded run reads the same global batches. Each micro-batch
+   is one forward over chosen and rejected together through :func:`pipeline.logprobs.completion_logps`, the
+   function the reference pass used (so step 0 with policy == reference gives exactly ln 2), then
+   :func:`pipeline.losses.compute_loss` (every variant, MPO sums). DeepSpeed averages the gradient over
+   accumulation and ranks, clips it and steps optimizer and schedule.
+4. **Metrics**: global-batch means (one small all-reduce per step) to ``metrics.jsonl``, a progress bar, and an
+   evaluation of the held-out split every ``eval_steps`` and at the end (reward accuracy and margins).
+5. **Checkpoints** every ``save_steps`` (and at ``stop_step``): DeepSpeed's (weights, optimizer, LR schedule,
+   with the step and the loss state as client state), per-rank RNG, and ``trainer_state.json`` written last
+   as the completion marker. A rerun resumes from the newest complete one and ends bit-for-bit where an
+   uninterrupted run ends. Only ``save_total_limit`` checkpoints are kept.
+6. **End**: ``final_model`` (``save_pretrained``, safetensors, consolidated under ZeRO-3, plus the tokenizer),
+   plots and ``summary.json`` (:mod:`pipeline.metrics`), and ``manifest.json`` last.
+
+Trade-offs: metrics cost one all-reduce per step (a few floats; ZeRO synchronises every step anyway). The
+BCO running mean is updated per micro-batch, so gradient accumulation and more ranks at the same global batch
+give slightly different BCO losses (every other variant is identical), and AOT sorts within a micro-batch.
+Checkpoints are DeepSpeed's partitioned format: a resume needs the same world size (checked), while the
+final model is plain Hugging Face. Under bf16 the final model holds the module's bf16 weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import data, reference
+from pipeline.artifacts import (
+    MANIFEST,
+    artifact_dir,
+    atomic_path,
+    atomic_write_json,
+    expected_fingerprint,
+    is_complete,
+    model_weights_hash,
+    read_manifest,
+    write_manifest,
+)
+from pipeline.config import DPOPipelineConfig
+from pipeline.distributed import (
+    barrier,
+    device,
+    init_distributed,
+    is_main_process,
+    load_ds_config,
+    rank,
+    resolve_ds_config,
+    world_size,
+    zero_stage,
+)
+from pipeline.errors import ArtifactError, ConfigError
+from pipeline.logprobs import PairBatch, collate_pairs, completion_logps
+from pipeline.losses import LossState, PairLogps, compute_loss
+from pipeline.metrics import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    last_record,
+    read_summary,
+    update_summary,
+    write_plots,
+)
+from pipeline.schedule import TrainingSchedule
+from pipeline.tiny_model import ensure_model
+
+log = logging.getLogger(__name__)
+
+KIND = "train"
+SCHEMA_VERSION = 1
+FINAL_MODEL = "final_model"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_MARKER = "trainer_state.json"  # written last into a checkpoint: it is complete
+
+# Config fields that change the trained weights; each joins the run dir's fingerprint.
+LOSS_FIELDS = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
+               "reference_free", "use_weighting", "ld_alpha", "discopop_tau", "ipo_length_normalized")
+OPTIMISATION_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                       "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
+                       "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
+                       "gradient_checkpointing", "seed")
+SYNC_FIELDS = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
+
+__all__ = ["KIND", "SCHEMA_VERSION", "DPOTrainingRecipe", "read_summary", "train_dir_for", "train_stage",
+           "update_summary"]
+
+
+# ---------------------------------------------------------------------------------------------- run dir
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run reads and where it writes, from hashes of its inputs alone (no model work)."""
+
+    tokenized_dir: Path
+    tokenized_fingerprint: str
+    reference_dir: Path        # the reference stage's artifact for this config: the default for both splits
+    inputs: dict[str, Any]     # everything that changes the trained weights
+    fingerprint: str
+    run_dir: Path
+
+
+def plan_run(config: DPOPipelineConfig) -> RunPlan:
+    tokenized_fp = data.tokenized_fingerprint(config)
+    reference_dir = reference.reference_dir_for(config)
+    inputs = {
+        "tokenized": tokenized_fp,
+        # The reference artifact's content address: it covers the initial weights, where the policy starts.
+        "reference": reference_dir.name,
+        "loss": config.subset(*LOSS_FIELDS),
+        "optimisation": config.subset(*OPTIMISATION_FIELDS),
+        "deepspeed": load_ds_config(config.resolve_path(config.deepspeed)),
+        "sync": config.subset(*SYNC_FIELDS),
+    }
+    fp = expected_fingerprint(KIND, SCHEMA_VERSION, inputs)
+    return RunPlan(artifact_dir(config.output_path, data.KIND, tokenized_fp), tokenized_fp, reference_dir, inputs, fp,
+                   artifact_dir(config.output_path, KIND, fp))
+
+
+def train_dir_for(config: DPOPipelineConfig) -> Path:
+    """The run dir of ``config``: ``<output_dir>/train/<fingerprint[:16]>``. Another beta gives another dir;
+    logging, eval and save intervals and the process count do not (a resume checks the process count)."""
+    return plan_run(config).run_dir
+
+
+# ---------------------------------------------------------------------------------------------- data
+class PreferencePairs:
+    """One split of the tokenized artifact joined on ``example_id`` with its reference log-probs."""
+
+    def __init__(self, tokenized_dir: Path, split: str, ref: reference.ReferenceLogps, pad_token_id: int):
+        table = data.load_tokenized(tokenized_dir, split)
+        self.table = table.select(["example_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
+        self.ids = table.column("example_id").to_numpy()
+        step = np.diff(self.ids)
+        if np.any(step <= 0):
+            what = f"example_id {self.ids[1:][step == 0][:5].tolist()} repeated" if np.any(step == 0) else "unsorted"
+            raise ArtifactError(f"tokenized artifact at {tokenized_dir}, split {split}: {what}; rebuild it")
+        self.split, self.reference, self.pad_token_id = split, ref, pad_token_id
+
+    def require(self, ids: np.ndarray, where: str) -> None:
+        """Refuse ids absent from the tokenized split or from the reference log-probs (naming them)."""
+        missing = np.setdiff1d(ids, self.ids)
+        if missing.size:
+            raise ArtifactError(f"{where}: example_ids {missing[:5].tolist()} are not in the tokenized {self.split} "
+                                f"split ({missing.size} missing)")
+        self.reference.pair_logps(np.unique(ids))
+
+    def batch(self, ids: np.ndarray) -> tuple[PairBatch, PairLogps]:
+        rows = self.table.take(np.searchsorted(self.ids, ids)).to_pylist()
+        return collate_pairs(rows, self.pad_token_id).to(device()), self.reference.pair_logps(ids, device())
+
+
+def _load_reference(ref_dir: Path, split: str, tokenized_fp: str,
+                    initial_weights: str | None) -> reference.ReferenceLogps:
+    """A reference split, refused unless it was made from this tokenized artifact (and these weights, if given)."""
+    manifest = read_manifest(ref_dir, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION, verify_files=False)
+    made_from = manifest["inputs"]["tokenized"]
+    if made_from != tokenized_fp:
+        raise ArtifactError(f"reference artifact at {ref_dir} was made from another tokenized artifact "
+                            f"({made_from[:12]}, this run's is {tokenized_fp[:12]}); rerun the reference stage")
+    if initial_weights is not None and manifest["inputs"]["reference_weights"] != initial_weights:
+        raise ArtifactError(f"reference artifact at {ref_dir} was scored with other model weights than the "
+                            f"policy's initial model; rerun the reference stage")
+    return reference.load_reference_logps(ref_dir, split=split)  # file hashes, duplicates, NaN/inf
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _policy_logps(out) -> PairLogps:
+    (chosen, rejected), (chosen_len, rejected_len), (chosen_pub, rejected_pub) = (
+        out.halves("logps"), out.halves("lengths"), out.halves("public_logps"))
+    wpo = out.halves("wpo_log_weights") if out.wpo_log_weights is not None else (None, None)
+    return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_pub, rejected_pub, *wpo)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"beta": 0.1}} -> {"loss.beta": 0.1}: names a difference down to the field."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (marker present), oldest first."""
+    found = [(int(p.name.removeprefix("step-")), p) for p in root.glob("step-*") if (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found)
+
+
+def _save_hf(module, state_dict, out: Path, tokenizer_dir: Path) -> None:
+    """``save_pretrained`` into a staging dir renamed over ``out``: a reader never sees half a model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
+    try:
+        module.save_pretrained(staging, state_dict=state_dict)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+class DPOTrainingRecipe:
+    """One training run in ``run_dir``; every method is collective (all ranks call it) unless it says not."""
+
+    def __init__(self, config: DPOPipelineConfig, plan: RunPlan, *, train_reference_dir: Path | None = None,
+                 eval_reference_dir: Path | None = None):
+        self.config, self.plan, self.run_dir = config, plan, plan.run_dir
+        self.world, self.rank = world_size(), rank()
+        self.ds_config = resolve_ds_config(config, world=self.world)
+        self.spec = config.loss_spec()
+        self.model_dir = ensure_model(config.resolve_path(config.model_name_or_path))
+        if not (plan.tokenized_dir / MANIFEST).is_file():
+            raise ArtifactError(f"no tokenized artifact for this config at {plan.tokenized_dir}: run the tokenize "
+                                f"stage first (dpo-pipeline tokenize --config ...)")
+        tokenized = data.tokenized_manifest(plan.tokenized_dir)
+        pad = int(tokenized["pad_token_id"])
+        # An explicit reference dir (TR-DPO's windows) holds another model's scores: only the data is checked.
+        # The default one must hold the scores of the weights the policy starts from.
+        defaults = train_reference_dir is None or eval_reference_dir is None
+        initial_weights = model_weights_hash(self.model_dir) if defaults else None
+        self.reference_dirs = {"train": Path(train_reference_dir or plan.reference_dir),
+                               "eval": Path(eval_reference_dir or plan.reference_dir)}
+        train_ref = _load_reference(self.reference_dirs["train"], "train", plan.tokenized_fingerprint,
+                                    None if train_reference_dir else initial_weights)
+        self.train = PreferencePairs(plan.tokenized_dir, "train", train_ref, pad)
+        self.schedule = TrainingSchedule.from_config(config, self.train.ids, self.world)
+        self.eval = None
+        if data.SPLIT_FILES["eval"] in tokenized["files"]:
+            eval_ref = _load_reference(self.reference_dirs["eval"], "eval", plan.tokenized_fingerprint,
+                                       None if eval_reference_dir else initial_weights)
+            self.eval = PreferencePairs(plan.tokenized_dir, "eval", eval_ref, pad)
+            self.eval.require(self.eval.ids, f"eval reference {self.reference_dirs['eval']}")
+
+        self.checkpoint_root = self.run_dir / CHECKPOINTS
+        self.resume_key = {"world_size": self.world, **plan.inputs}
+        latest = _checkpoints(self.checkpoint_root)
+        self.resume_from = latest[-1] if latest else None
+        if self.resume_from:
+            self._check_resumable(self.resume_from[1])
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.engine = None
+        self.step = self.resume_from[0] if self.resume_from else 0  # set again from the checkpoint on load
+        self.last_eval_step: int | None = None
+        self.loss_state = LossState(all_reduce_sum=_all_reduce_sum if self.world > 1 else None)
+
+    # ------------------------------------------------------------------ setup
+    def _check_resumable(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+        ours, theirs = _flat(self.resume_key), _flat(saved["resume_key"])
+        diffs = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(ours) | set(theirs))
+                 if ours.get(k) != theirs.get(k)]
+        if diffs:
+            raise ConfigError(f"checkpoint {checkpoint} was made with a different config ({'; '.join(diffs[:6])}); "
+                              f"restore that config or delete {self.checkpoint_root} to start over")
+
+    def check_window(self, start: int, stop: int) -> None:
+        """Before step 1: the train reference covers every example of steps [start, stop)."""
+        if stop > start:
+            self.train.require(self.schedule.window_ids(start, stop), f"train reference {self.reference_dirs['train']}")
+
+    def setup(self) -> None:
+        """Build the engine and resume from the newest complete checkpoint, if any."""
+        import deepspeed
+        from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+        from transformers.integrations import HfDeepSpeedConfig
+
+        init_distributed()
+        torch.manual_seed(self.config.seed)
+        model_config = AutoConfig.from_pretrained(self.model_dir)
+        for name, value in model_config.to_dict().items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(model_config, name, 0.0)  # functional dropout (e.g. Llama's attention) reads the config
+        # Alive during from_pretrained: transformers then loads each weight straight into its ZeRO-3 partition.
+        zero3_loading = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, config=model_config,
+                                                     dtype=torch.bfloat16 if self.config.bf16 else torch.float32)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on biases and norm scales
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            c = self.config
+            # fused: one kernel per parameter group instead of ~10 passes per tensor (3x faster steps on CPU).
+            optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                          eps=c.adam_epsilon, fused=True)
+        steps = self.schedule.num_steps
+        warmup = self.config.warmup_steps or math.ceil(self.config.warmup_ratio * steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            config=self.ds_config,
+            lr_scheduler=lambda opt: get_scheduler(self.config.lr_scheduler_type, opt, num_warmup_steps=warmup,
+                                                   num_training_steps=steps))
+        del zero3_loading
+        if self.world == 1 and zero_stage(self.ds_config) == 0:
+            # Nothing to reduce, but DeepSpeed would still copy every gradient into one flat buffer and back
+            # (an extra 4 bytes per parameter at the peak, and two passes over the gradients per step).
+            self.engine.enable_backward_allreduce = False
+        self.engine.train()
+        if self.resume_from:
+            self._load_checkpoint(self.resume_from[1])
+        if is_main_process():
+            self.metrics.restart(through_step=self.step)  # drop lines of steps the resumed run will redo
+        barrier()
+
+    # ------------------------------------------------------------------ steps
+    def _forward_loss(self, ids: np.ndarray, pairs: PreferencePairs, state: LossState):
+        batch, ref = pairs.batch(ids)
+        out = completion_logps(self.engine, batch, with_wpo_weights=self.spec.use_weighting)
+        loss, metrics = compute_loss(_policy_logps(out), ref, self.spec, state)
+        return loss, metrics, batch.num_tokens
+
+    def _global_means(self, sums: dict[str, torch.Tensor], pairs: int, tokens: int) -> tuple[dict[str, float], int]:
+        names = list(sums)
+        totals = _all_reduce_sum(torch.stack([*(sums[n].double() for n in names),
+                                              torch.tensor(float(pairs), dtype=torch.float64),
+                                              torch.tensor(float(tokens), dtype=torch.float64)]))
+        values = totals.tolist()
+        return {n: values[i] / values[-2] for i, n in enumerate(names)}, int(values[-1])
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        learning_rate = self.engine.get_lr()[0]
+        sums: dict[str, torch.Tensor] = {}
+        pairs = tokens = 0
+        for ids in self.schedule.micro_batches(step, self.rank, self.world, self.config.gradient_accumulation_steps):
+            loss, metrics, n_tokens = self._forward_loss(ids, self.train, self.loss_state)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().cpu() * len(ids)
+            pairs, tokens = pairs + len(ids), tokens + n_tokens
+        means, tokens = self._global_means(sums, pairs, tokens)
+        seconds = time.perf_counter() - start
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"step": step + 1, "epoch": round((step + 1) / self.schedule.steps_per_epoch, 4), **means,
+                "learning_rate": learning_rate,
+                **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                "tokens_per_second": tokens / seconds, "step_seconds": seconds}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Eval-split means; ranks take interleaved batches and make the same number of forwards."""
+        self.engine.eval()
+        per_rank = self.config.per_device_eval_batch_size
+        ids = self.eval.ids
+        sums: dict[str, torch.Tensor] = {}
+        pairs = tokens = 0
+        for start in range(0, len(ids), per_rank * self.world):
+            mine = ids[start + self.rank * per_rank:start + (self.rank + 1) * per_rank]
+            # Under ZeRO-3 a forward gathers parameters collectively: a rank out of examples scores a stand-in.
+            state = LossState()  # a frozen copy of the BCO mean, local: ranks may hold different counts here
+            state.load_state_dict(self.loss_state.state_dict())
+            _, metrics, n_tokens = self._forward_loss(mine if len(mine) else ids[:1], self.eval, state)
+            if len(mine):
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value.cpu() * len(mine)
+                pairs, tokens = pairs + len(mine), tokens + n_tokens
+        if not sums:  # this rank had only stand-ins: contribute zeros under the same names
+            sums = {name: torch.zeros(()) for name in metrics}
+        means, _ = self._global_means(sums, pairs, tokens)
+        self.engine.train()
+        self.last_eval_step = self.step
+        return {"step": self.step, **{f"eval_{name}": value for name, value in means.items()}}
+
+    def run(self, stop: int) -> None:
+        """Optimizer steps from the current one up to ``stop`` (exclusive); a checkpoint there unless it is the end."""
+        c = self.config
+        bar = tqdm(total=self.schedule.num_steps, initial=self.step, desc="train", unit="step",
+                   disable=not is_main_process(), dynamic_ncols=True)
+        try:
+            while self.step < stop:
+                record = self.train_step(self.step)
+                self.step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+                if self.step % c.logging_steps == 0 or self.step == self.schedule.num_steps:
+                    self._log(record)
+                if self.eval is not None and c.eval_steps and self.step % c.eval_steps == 0:
+                    self._log(self.evaluate())
+                if c.save_steps and self.step % c.save_steps == 0 and self.step < self.schedule.num_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if self.step < self.schedule.num_steps and not self._has_checkpoint(self.step):
+            self.save_checkpoint()
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if is_main_process():
+            self.metrics.append(record)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _has_checkpoint(self, step: int) -> bool:
+        return (self.checkpoint_root / f"step-{step}" / CHECKPOINT_MARKER).is_file()
+
+    def save_checkpoint(self) -> None:
+        tag = f"step-{self.step}"
+        # No 'latest' pointer: the newest checkpoint with a marker is the one to resume, whatever DeepSpeed wrote.
+        self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False,
+                                    client_state={"step": self.step, "loss_state": self.loss_state.state_dict()})
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        with atomic_path(self.checkpoint_root / tag / f"rng-rank{self.rank}.pt") as tmp:
+            torch.save(rng, tmp)
+        barrier()
+        if is_main_process():
+            atomic_write_json(self.checkpoint_root / tag / CHECKPOINT_MARKER,
+                              {"step": self.step, "resume_key": self.resume_key})
+            self._prune_checkpoints()
+        barrier()
+
+    def _prune_checkpoints(self) -> None:
+        """Main process: delete incomplete checkpoints and all but the newest ``save_total_limit``."""
+        complete = [path for _, path in _checkpoints(self.checkpoint_root)]
+        limit = self.config.save_total_limit
+        keep = set(complete[-limit:] if limit else complete)
+        for path in self.checkpoint_root.glob("step-*"):
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        load_path, client = self.engine.load_checkpoint(str(self.checkpoint_root), tag=path.name)
+        if load_path is None:
+            raise ArtifactError(f"DeepSpeed could not load checkpoint {path}; delete it to start from the previous one")
+        self.step = int(client["step"])
+        self.loss_state.load_state_dict(client["loss_state"])
+        rng = torch.load(path / f"rng-rank{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+        log.info("resumed from %s at step %d of %d", path, self.step, self.schedule.num_steps)
+
+    # ------------------------------------------------------------------ saving the policy
+    def save_policy(self, out: Path) -> None:
+        """The policy and tokenizer as a Hugging Face model directory (ZeRO-3: gathered to the main process)."""
+        if zero_stage(self.ds_config) == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # any dtype, despite the name
+        else:
+            state = self.engine.module.state_dict() if is_main_process() else None
+        if is_main_process():
+            _save_hf(self.engine.module, state, out, self.model_dir)
+        barrier()
+
+    def finish(self) -> None:
+        """Final eval (unless the last step just had one), final model, plots, summary, manifest (last)."""
+        if self.eval is not None and self.last_eval_step != self.step:
+            self._log(self.evaluate())
+        self.save_policy(self.run_dir / FINAL_MODEL)
+        if is_main_process():
+            self._write_outputs()
+        barrier()
+
+    def _write_outputs(self) -> None:
+        records = self.metrics.records()
+        plots = write_plots(records, self.run_dir)
+        train, evaluation = last_record(records, "loss"), last_record(records, "eval_loss")
+        model_dir = self.run_dir / FINAL_MODEL
+        summary = {
+            "run_dir": str(self.run_dir),
+            "num_steps": self.schedule.num_steps,
+            "global_batch_size": self.schedule.global_batch_size,
+            "world_size": self.world,
+            "train_loss": train.get("loss"),
+            "train_reward_accuracy": train.get("rewards/accuracies"),
+            "train_reward_margin": train.get("rewards/margins"),
+            "eval_loss": evaluation.get("eval_loss"),
+            "eval_reward_accuracy": evaluation.get("eval_rewards/accuracies"),
+            "eval_reward_margin": evaluation.get("eval_rewards/margins"),
+            "train_metrics": train,
+            "eval_metrics": evaluation,
+            "fingerprints": {"train": self.plan.fingerprint, "tokenized": self.plan.tokenized_fingerprint,
+                             **{f"reference_{split}": read_manifest(path, kind=reference.KIND, verify_files=False)[
+                                 "fingerprint"] for split, path in self.reference_dirs.items()}},
+            "paths": {"model": str(model_dir), "metrics": str(self.run_dir / METRICS_FILE), "plots": plots,
+                      "tokenized": str(self.plan.tokenized_dir),
+                      **{f"reference_{split}": str(path) for split, path in self.reference_dirs.items()}},
+        }
+        atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+        files = [str(p.relative_to(self.run_dir)) for p in sorted(model_dir.iterdir())]
+        files += [METRICS_FILE, *(str(Path(p).relative_to(self.run_dir)) for p in plots.values())]
+        write_manifest(self.run_dir, kind=KIND, schema_version=SCHEMA_VERSION, inputs=self.plan.inputs,
+                       files=files, counts={"steps": self.schedule.num_steps, "train_examples": len(self.train.ids)},
+                       model_path=str(model_dir), summary=SUMMARY_FILE)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None, train_reference_dir: Path | None = None,
+                eval_reference_dir: Path | None = None, save_policy_at_stop: bool = False) -> Path:
+    """Train (or resume) the run of ``config`` up to ``stop_step`` (exclusive) or the end; return the run dir.
+
+    Collective. Both reference dirs default to the reference stage's artifact for ``config``. Stopping before
+    the end leaves a checkpoint there (the next call resumes exactly), and with ``save_policy_at_stop`` the
+    policy as a Hugging Face model in ``<run_dir>/policy/step-<N>``. At the end: ``final_model``,
+    ``metrics.jsonl``, plots, ``summary.json`` and ``manifest.json``. A complete run dir is returned as is."""
+    plan = plan_run(config)
+    run_dir = plan.run_dir
+    if is_complete(run_dir, kind=KIND, fingerprint=plan.fingerprint):
+        log.info("training run %s is complete (same inputs): nothing to do", run_dir)
+        return run_dir
+    recipe = DPOTrainingRecipe(config, plan, train_reference_dir=train_reference_dir,
+                               eval_reference_dir=eval_reference_dir)
+    end = recipe.schedule.num_steps if stop_step is None else min(stop_step, recipe.schedule.num_steps)
+    recipe.check_window(recipe.step, end)
+    recipe.setup()
+    try:
+        recipe.run(end)
+        if recipe.step >= recipe.schedule.num_steps:
+            recipe.finish()
+            log.info("training run written to %s", run_dir)
+        elif save_policy_at_stop:
+            recipe.save_policy(run_dir / "policy" / f"step-{recipe.step}")
+    finally:
+        recipe.engine.destroy()
+    return run_dir
