@@ -46,15 +46,11 @@ from pipeline.sync import Step
 CACHE_DIR = "prefect-cache"
 JOB_RETRIES = 2
 JOB_RETRY_DELAY_S = 10
-# The stage CLI prints a PipelineError as this one line (and exits 2), but torchrun reports any failed rank as
-# exit code 1: the line is how a task tells input that a retry cannot fix from a crash or a kill.
-_REFUSED_INPUT = re.compile(r"^dpo-pipeline \w+: error: ", re.MULTILINE)
-
-
 def _worth_retrying(task, task_run, state) -> bool:
+    """Retry crashes and kills (the stage resumes); not input the stage refused, which would be refused again."""
     error = state.result(raise_on_failure=False)
     if isinstance(error, launch.JobFailed):
-        return not _REFUSED_INPUT.search(error.tail)
+        return not error.refused_input
     return not isinstance(error, PipelineError)
 
 

@@ -137,7 +137,7 @@ def resolve_ds_config(config, *, world: int, inference: bool = False) -> dict[st
     Training: micro batch, gradient accumulation, global batch, clipping, bf16, and the optimizer's
     lr/betas/eps/weight_decay when the ds_config names an optimizer (else the recipe passes torch AdamW).
     Inference (the reference pass): batch size = ``precompute_ref_batch_size`` and no optimizer."""
-    ds = copy.deepcopy(load_ds_config(config.deepspeed))
+    ds = copy.deepcopy(load_ds_config(config.resolve_path(config.deepspeed)))
     if ds.get("fp16", {}).get("enabled") in (True, "auto") and not on_gpu():
         if ds["fp16"]["enabled"] is True:
             raise ConfigError("deepspeed: fp16 is not supported on CPU; use bf16 or fp32")

@@ -34,9 +34,16 @@ _LOCK = threading.Lock()
 
 
 class JobFailed(PipelineError):
+    """A job exited non-zero. ``refused_input`` is true when a rank printed the CLI's one-line user error
+    (bad config, data or artifact): rerunning cannot help, so callers should not retry."""
+
     def __init__(self, stage: str, returncode: int, tail: str):
         self.stage, self.returncode, self.tail = stage, returncode, tail
-        super().__init__(f"{stage} job failed with exit code {returncode}; last lines of its log:\n{tail}")
+        errors = [line for line in tail.splitlines() if line.startswith(f"dpo-pipeline {stage}: error:")]
+        self.refused_input = bool(errors)
+        # The launcher adds its own traceback after a rank fails: lead with the stage's own words.
+        headline = f"{errors[-1]}\n" if errors else ""
+        super().__init__(f"{stage} job failed with exit code {returncode}\n{headline}last lines of its log:\n{tail}")
 
 
 def kill_all_jobs() -> int:

@@ -55,3 +55,14 @@ def test_a_job_dies_with_the_process_that_started_it(tmp_path):
     while psutil.pid_exists(job_pid) and psutil.Process(job_pid).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "job outlived its killed driver"
         time.sleep(0.1)
+
+
+def test_refused_input_is_told_apart_from_a_crash(tmp_path):
+    refuse = "import sys; print('dpo-pipeline demo: error: beta: must be > 0'); print('launcher noise'); sys.exit(1)"
+    with pytest.raises(JobFailed) as info:
+        run_job("demo", [sys.executable, "-c", refuse], log_path=tmp_path / "job.log")
+    assert info.value.refused_input
+    assert str(info.value).splitlines()[1] == "dpo-pipeline demo: error: beta: must be > 0"
+    with pytest.raises(JobFailed) as info:
+        run_job("demo", [sys.executable, "-c", "import os; os.abort()"], log_path=tmp_path / "job.log")
+    assert not info.value.refused_input
