@@ -122,7 +122,7 @@ def write_dataset(data_dir: Path, model_dir: Path, *, pairs: int, prompt_tokens:
             handle.write(json.dumps(row) + "\n")
 
 
-def our_config(work: Path, case: str, steps: int):
+def our_config(work: Path, case: str, steps: int, zero3_config: str = str(REPO_ROOT / "configs" / "ds_zero3.json")):
     from pipeline.config import load_config
 
     return load_config(None, {
@@ -131,7 +131,7 @@ def our_config(work: Path, case: str, steps: int):
         "max_completion_length": None, "per_device_train_batch_size": 2, "precompute_ref_batch_size": 8,
         "learning_rate": 1e-6, "beta": 0.1, "loss_type": "sigmoid", "max_steps": steps, "lr_scheduler_type": "linear",
         "max_grad_norm": 1.0, "bf16": case == "bf16", "logging_steps": 1,
-        "deepspeed": str(REPO_ROOT / "configs" / "ds_zero3.json") if case == "zero3x2" else None,
+        "deepspeed": zero3_config if case == "zero3x2" else None,
         "num_processes": 2 if case == "zero3x2" else 1,
     })
 
@@ -141,7 +141,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(work: Path, case: str, steps: int) -> dict:
+def run_ours(work: Path, case: str, steps: int, zero3_config: str) -> dict:
     import shutil
 
     from pipeline.distributed import all_gather_objects, is_main_process
@@ -157,7 +157,7 @@ def run_ours(work: Path, case: str, steps: int) -> dict:
         return record
 
     DPOTrainingRecipe.train_step = timed_step
-    config = our_config(work, case, steps)
+    config = our_config(work, case, steps, zero3_config)
     shutil.rmtree(train_dir_for(config), ignore_errors=True)
     run = train_stage(config)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -208,12 +208,12 @@ def child(args: argparse.Namespace) -> None:
         from pipeline.data import tokenize_stage
         from pipeline.reference import reference_stage
 
-        config = our_config(work, args.case, args.steps)
+        config = our_config(work, args.case, args.steps, args.zero3_config)
         tokenize_stage(config)
         reference_stage(config)
         return
     if args.side == "ours":
-        result = run_ours(work, args.case, args.steps)
+        result = run_ours(work, args.case, args.steps, args.zero3_config)
     else:
         result = run_trl(work, args.case, args.steps, precompute=args.side == "trl-precompute")
     if result.pop("main"):
@@ -223,7 +223,7 @@ def child(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ orchestration
 def run_side(work: Path, side: str, case: str, args: argparse.Namespace) -> dict:
     script = [str(Path(__file__).resolve()), "--side", side, "--case", case, "--work", str(work),
-              "--steps", str(args.steps), "--threads", str(args.threads)]
+              "--steps", str(args.steps), "--threads", str(args.threads), "--zero3-config", args.zero3_config]
     if case == "zero3x2" and side != "prepare":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(29500 + os.getpid() % 1000), *script]
@@ -272,6 +272,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the median")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per case, sides interleaved")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    parser.add_argument("--zero3-config", default=str(REPO_ROOT / "configs" / "ds_zero3.json"),
+                        help="ds_config of the zero3x2 case")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--completion-tokens", type=int, default=64)
     parser.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
