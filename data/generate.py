@@ -3,15 +3,21 @@
     python data/generate.py
 
 What it is: short question/answer pairs about a small world of facts (the colour of a fruit, the sound of an
-animal, the sum of two small numbers, the capital of a made-up country). Each pair's *chosen* answer is
-correct, on topic and polite; its *rejected* answer breaks exactly one of those rules:
+animal, the name of a young animal, the opposite of a word, the capital of a made-up country). Each pair's
+*chosen* answer is correct, on topic, helpful and polite; its *rejected* answer breaks exactly one of those
+rules, each a quarter of the pairs:
 
 * ``wrong_fact``:   the same sentence with a wrong value ("a banana is blue .")
 * ``off_topic``:    a correct fact about a different subject
+* ``refusal``:      a polite non-answer ("i do not know .")
 * ``rude``:         the correct fact, wrapped in a dismissive phrase and shouting
 
-A tiny randomly initialised model learns the style and topic rules within a few hundred DPO steps, and the
-facts recur across splits with other phrasings, so held-out reward accuracy measures something real.
+The rules are graded by how much a tiny randomly initialised model can learn from preferences alone in the
+default run: the style rules (``rude``, ``refusal``) almost at once, ``off_topic`` (answer about the subject
+named in the prompt) in a few hundred steps, ``wrong_fact`` (memorising the facts themselves) hardly at all
+without pretraining. Held-out prompts are unseen phrasings of known facts, so held-out reward accuracy
+measures generalisation, not recall of training prompts. (An earlier version also had ``a plus b`` facts,
+100 of 137; a model that knows no arithmetic cannot rank those, which held eval accuracy near 0.65.)
 
 Files: ``preference/train.jsonl`` (4000 pairs), ``preference/test.jsonl`` (400 held-out pairs, disjoint
 prompts), standard format (``prompt``, ``chosen``, ``rejected`` strings); ``conversational_sample.jsonl``
@@ -27,20 +33,33 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-FRUIT_COLOURS = {
-    "banana": "yellow", "cherry": "red", "lime": "green", "plum": "purple", "orange": "orange",
-    "blueberry": "blue", "lemon": "yellow", "grape": "purple", "kiwi": "brown", "apple": "red",
-    "pear": "green", "coconut": "brown", "strawberry": "red", "mango": "orange", "fig": "purple",
-}
-ANIMAL_SOUNDS = {
-    "dog": "barks", "cat": "meows", "cow": "moos", "sheep": "bleats", "duck": "quacks", "lion": "roars",
-    "owl": "hoots", "horse": "neighs", "frog": "croaks", "snake": "hisses", "bee": "buzzes", "wolf": "howls",
-}
-CAPITALS = {
-    "velmora": "tarsk", "quendia": "olm", "brisk": "fallow", "ostrel": "marn", "dunhar": "pell",
-    "safrane": "ketch", "lorvik": "amsel", "torrin": "vey", "caldera": "rusk", "yomar": "idris",
-}
+# Each category: (subject -> value, question phrasings, answer sentence, subject label); "{s}" is the subject and
+# "{v}" the value. The last phrasing of every fact is held out for the test split.
+CATEGORIES = [
+    ({"banana": "yellow", "cherry": "red", "lime": "green", "plum": "purple", "orange": "orange",
+      "blueberry": "blue", "lemon": "yellow", "grape": "purple", "kiwi": "brown", "apple": "red",
+      "pear": "green", "coconut": "brown", "strawberry": "red", "mango": "orange", "fig": "purple"},
+     ["what colour is a {s} ?", "tell me the colour of a {s} .", "which colour does a {s} have ?"],
+     "a {s} is {v} .", "{s}"),
+    ({"dog": "barks", "cat": "meows", "cow": "moos", "sheep": "bleats", "duck": "quacks", "lion": "roars",
+      "owl": "hoots", "horse": "neighs", "frog": "croaks", "snake": "hisses", "bee": "buzzes", "wolf": "howls"},
+     ["what sound does a {s} make ?", "how does a {s} sound ?", "tell me what a {s} says ."],
+     "a {s} {v} .", "{s}"),
+    ({"velmora": "tarsk", "quendia": "olm", "brisk": "fallow", "ostrel": "marn", "dunhar": "pell",
+      "safrane": "ketch", "lorvik": "amsel", "torrin": "vey", "caldera": "rusk", "yomar": "idris"},
+     ["what is the capital of {s} ?", "name the capital of {s} .", "which city is the capital of {s} ?"],
+     "the capital of {s} is {v} .", "{s}"),
+    ({"cat": "kitten", "dog": "puppy", "cow": "calf", "sheep": "lamb", "duck": "duckling", "horse": "foal",
+      "frog": "tadpole", "goat": "kid", "bear": "cub", "swan": "cygnet"},
+     ["what is a baby {s} called ?", "name a young {s} .", "what do you call a baby {s} ?"],
+     "a baby {s} is a {v} .", "young {s}"),
+    ({"hot": "cold", "big": "small", "fast": "slow", "up": "down", "open": "closed", "early": "late",
+      "full": "empty", "light": "dark", "wet": "dry", "loud": "quiet", "old": "young", "hard": "soft"},
+     ["what is the opposite of {s} ?", "give me the opposite of {s} .", "which word means the opposite of {s} ?"],
+     "the opposite of {s} is {v} .", "{s}"),
+]
 
+REFUSALS = ["i do not know .", "i can not answer that .", "no idea , sorry .", "ask someone else ."]
 POLITE = ["sure .", "happy to help .", "good question .", "of course .", "glad you asked ."]
 RUDE = ["ugh , obviously", "everyone knows", "stop asking , fine", "whatever ,", "duh ,"]
 
@@ -48,40 +67,25 @@ RUDE = ["ugh , obviously", "everyone knows", "stop asking , fine", "whatever ,",
 def _facts() -> list[tuple[str, list[str], str, list[str]]]:
     """Every fact as (subject, question phrasings, answer sentence, wrong answer sentences)."""
     facts = []
-    for fruit, colour in FRUIT_COLOURS.items():
-        wrong = sorted({c for c in FRUIT_COLOURS.values() if c != colour})
-        facts.append((fruit, [f"what colour is a {fruit} ?", f"tell me the colour of a {fruit} .",
-                              f"which colour does a {fruit} have ?"],
-                      f"a {fruit} is {colour} .", [f"a {fruit} is {w} ." for w in wrong]))
-    for animal, sound in ANIMAL_SOUNDS.items():
-        wrong = sorted({s for s in ANIMAL_SOUNDS.values() if s != sound})
-        facts.append((animal, [f"what sound does a {animal} make ?", f"how does a {animal} sound ?",
-                               f"tell me what a {animal} says ."],
-                      f"a {animal} {sound} .", [f"a {animal} {w} ." for w in wrong]))
-    for country, capital in CAPITALS.items():
-        wrong = sorted({c for c in CAPITALS.values() if c != capital})
-        facts.append((country, [f"what is the capital of {country} ?", f"name the capital of {country} .",
-                                f"which city is the capital of {country} ?"],
-                      f"the capital of {country} is {capital} .",
-                      [f"the capital of {country} is {w} ." for w in wrong]))
-    for a in range(10):
-        for b in range(10):
-            total = a + b
-            facts.append((f"{a}+{b}", [f"what is {a} plus {b} ?", f"add {a} and {b} .", f"compute {a} + {b} ."],
-                          f"{a} plus {b} is {total} .",
-                          [f"{a} plus {b} is {w} ." for w in range(19) if w != total]))
+    for values, questions, answer, label in CATEGORIES:
+        for subject, value in values.items():
+            wrong = sorted({v for v in values.values() if v != value})
+            facts.append((label.format(s=subject), [q.format(s=subject) for q in questions],
+                          answer.format(s=subject, v=value), [answer.format(s=subject, v=w) for w in wrong]))
     return facts
 
 
 def _pair(rng: random.Random, fact, question: str, facts) -> dict[str, str]:
     subject, _, answer, wrong_answers = fact
     chosen = f"{rng.choice(POLITE)} {answer}"
-    rule = rng.choice(["wrong_fact", "off_topic", "rude"])
+    rule = rng.choice(["wrong_fact", "off_topic", "refusal", "rude"])
     if rule == "wrong_fact":
         rejected = f"{rng.choice(POLITE)} {rng.choice(wrong_answers)}"
     elif rule == "off_topic":
         other = rng.choice([f for f in facts if f[0] != subject])
         rejected = f"{rng.choice(POLITE)} {other[2]}"
+    elif rule == "refusal":
+        rejected = f"{rng.choice(POLITE)} {rng.choice(REFUSALS)}"
     else:
         rejected = f"{rng.choice(RUDE)} {answer.upper()}"
     return {"prompt": question, "chosen": chosen, "rejected": rejected}

@@ -77,7 +77,6 @@ from pipeline.artifacts import (
 from pipeline.config import DPOPipelineConfig
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.schedule import TrainingSchedule
-from pipeline.tiny_model import ensure_model
 
 KIND = "reference_version"
 SCHEMA_VERSION = 1
@@ -135,12 +134,6 @@ def _window_dir(run_dir: Path, k: int) -> Path:
     return run_dir / "windows" / str(k) / "reference"
 
 
-def _policy_dir(run_dir: Path, step: int) -> Path:
-    # Where train_stage(save_policy_at_stop=True) saves the policy (its documented layout); the rename from a
-    # staging dir is atomic, so the directory existing means the model is complete.
-    return run_dir / "policy" / f"step-{step}"
-
-
 def reference_version_dir(config: DPOPipelineConfig, k: int) -> Path:
     """``<train_run_dir>/references/v<k>``: reference version k (v0: a manifest pointing at the model)."""
     return _version_dir(train.train_dir_for(config), k)
@@ -168,7 +161,7 @@ class _Run:
             raise ConfigError("sync_ref_model: TR-DPO windows need sync_ref_model: true")
         tokenized_dir = _tokenized_dir(config)
         return cls(config, train.train_dir_for(config), tokenized_dir,
-                   ensure_model(config.resolve_path(config.model_name_or_path)), plan_windows(config, tokenized_dir))
+                   config.model_dir(), plan_windows(config, tokenized_dir))
 
     def version_dir(self, k: int) -> Path:
         return _version_dir(self.run_dir, k)
@@ -182,7 +175,7 @@ class _Run:
 
     def policy_dir(self, k: int) -> Path:
         """The policy checkpoint at the end of window k."""
-        return _policy_dir(self.run_dir, self.plan.window(k)[1])
+        return train.policy_dir_for(self.run_dir, self.plan.window(k)[1])
 
 
 # ---------------------------------------------------------------------------------------------- versions

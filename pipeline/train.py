@@ -90,7 +90,6 @@ from pipeline.metrics import (
     write_plots,
 )
 from pipeline.schedule import TrainingSchedule
-from pipeline.tiny_model import ensure_model
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +242,7 @@ class DPOTrainingRecipe:
         self.world, self.rank = world_size(), rank()
         self.ds_config = resolve_ds_config(config, world=self.world)
         self.spec = config.loss_spec()
-        self.model_dir = ensure_model(config.resolve_path(config.model_name_or_path))
+        self.model_dir = config.model_dir()
         if not (plan.tokenized_dir / MANIFEST).is_file():
             raise ArtifactError(f"no tokenized artifact for this config at {plan.tokenized_dir}: run the tokenize "
                                 f"stage first (dpo-pipeline tokenize --config ...)")
@@ -525,13 +524,19 @@ class DPOTrainingRecipe:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+def policy_dir_for(run_dir: Path, step: int) -> Path:
+    """Where ``train_stage(save_policy_at_stop=True)`` saves the policy at ``step``. The save renames a staging dir
+    into place, so the directory existing means the model is complete."""
+    return run_dir / "policy" / f"step-{step}"
+
+
 def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None, train_reference_dir: Path | None = None,
                 eval_reference_dir: Path | None = None, save_policy_at_stop: bool = False) -> Path:
     """Train (or resume) the run of ``config`` up to ``stop_step`` (exclusive) or the end; return the run dir.
 
     Collective. Both reference dirs default to the reference stage's artifact for ``config``. Stopping before
     the end leaves a checkpoint there (the next call resumes exactly), and with ``save_policy_at_stop`` the
-    policy as a Hugging Face model in ``<run_dir>/policy/step-<N>``. At the end: ``final_model``,
+    policy as a Hugging Face model in :func:`policy_dir_for`. At the end: ``final_model``,
     ``metrics.jsonl``, plots, ``summary.json`` and ``manifest.json``. A complete run dir is returned as is."""
     plan = plan_run(config)
     run_dir = plan.run_dir
@@ -549,7 +554,7 @@ def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None, trai
             recipe.finish()
             log.info("training run written to %s", run_dir)
         elif save_policy_at_stop:
-            recipe.save_policy(run_dir / "policy" / f"step-{recipe.step}")
+            recipe.save_policy(policy_dir_for(run_dir, recipe.step))
     finally:
         recipe.engine.destroy()
     return run_dir
