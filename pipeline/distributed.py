@@ -5,6 +5,8 @@
   shared-memory comm op: it JIT-compiles for ~40 s and its fp32 all-reduce segfaults on AVX2-only machines.
 * :func:`resolve_ds_config` reads any standard ``ds_config.json`` and fills every ``"auto"`` value from our
   config (as the HF Trainer integration does); a value set explicitly that disagrees with ours is an error.
+  The size-dependent ZeRO buckets take the HF Trainer's values from the model's hidden size, so the ZeRO-3
+  config of the transformers docs carries over unchanged.
 """
 
 from __future__ import annotations
@@ -131,11 +133,20 @@ def _fill(ds: dict, dotted: str, value: Any, source: str, *, required: bool = Tr
                           f"{value!r}; set it to \"auto\" or make them agree")
 
 
+# zero_optimization keys the HF Trainer fills from the hidden size h when "auto".
+BUCKET_SIZE_RULES = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
 def resolve_ds_config(config, *, world: int, inference: bool = False) -> dict[str, Any]:
     """Fill ``"auto"`` values from ``config`` and check the explicit ones agree with it.
 
-    Training: micro batch, gradient accumulation, global batch, clipping, bf16, and the optimizer's
-    lr/betas/eps/weight_decay when the ds_config names an optimizer (else the recipe passes torch AdamW).
+    Training: micro batch, gradient accumulation, global batch, clipping, bf16, ZeRO bucket sizes, and the
+    optimizer's lr/betas/eps/weight_decay when the ds_config names an optimizer (else the recipe passes torch
+    AdamW).
     Inference (the reference pass): batch size = ``precompute_ref_batch_size`` and no optimizer."""
     ds = copy.deepcopy(load_ds_config(config.resolve_path(config.deepspeed)))
     if ds.get("fp16", {}).get("enabled") in (True, "auto") and not on_gpu():
@@ -143,6 +154,7 @@ def resolve_ds_config(config, *, world: int, inference: bool = False) -> dict[st
             raise ConfigError("deepspeed: fp16 is not supported on CPU; use bf16 or fp32")
         ds["fp16"]["enabled"] = False
     _fill(ds, "bf16.enabled", bool(config.bf16), "bf16")
+    _fill_bucket_sizes(ds, config)
     if inference:
         micro = config.precompute_ref_batch_size or config.per_device_eval_batch_size
         # DeepSpeed requires a batch size even for inference; the training-only sections are dropped.
@@ -169,6 +181,27 @@ def resolve_ds_config(config, *, world: int, inference: bool = False) -> dict[st
     if "optimizer" not in ds and _offloads_optimizer(ds):
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
+
+
+def _fill_bucket_sizes(ds: dict, config) -> None:
+    """``"auto"`` ZeRO bucket sizes from the model's hidden size h, by the HF Trainer's rule: reduce bucket h^2,
+    ZeRO-3 prefetch bucket 0.9 h^2, ZeRO-3 persistence threshold 10 h (parameters smaller than that stay
+    gathered: norm scales and biases, not matrices). Fixed sizes tuned for 7B models would make a small model's
+    buckets a third of the model."""
+    zero = ds.get("zero_optimization", {})
+    autos = [key for key in BUCKET_SIZE_RULES if zero.get(key) == "auto"]
+    if not autos:
+        return
+    from transformers import AutoConfig
+
+    model_dir = config.model_dir()
+    model_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    hidden = getattr(model_config, "hidden_size", None) or max(getattr(model_config, "hidden_sizes", None) or [0])
+    if not hidden:
+        raise ConfigError(f"deepspeed: {', '.join(autos)} are \"auto\" but {model_dir}/config.json has no "
+                          f"hidden_size to derive them from; set them to numbers in the ds_config")
+    for key in autos:
+        zero[key] = BUCKET_SIZE_RULES[key](hidden)
 
 
 def _offloads_optimizer(ds: dict) -> bool:

@@ -57,3 +57,17 @@ def test_inference_config_drops_training_sections():
     ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / "ds_zero3.json"),
                                   precompute_ref_batch_size=32), world=2, inference=True)
     assert ds["train_micro_batch_size_per_gpu"] == 32 and "train_batch_size" not in ds
+
+
+def test_bucket_sizes_follow_the_model_hidden_size_like_the_hf_trainer(tmp_path):
+    # The tiny default model has hidden size 64.
+    ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / "ds_zero3.json")), world=2)
+    zero = ds["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (64 * 64, int(0.9 * 64 * 64), 640)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345,
+                                                      "stage3_prefetch_bucket_size": "auto"}}))
+    zero = resolve_ds_config(config(deepspeed=str(path)), world=1, inference=True)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 12345 and zero["stage3_prefetch_bucket_size"] == 3686
+    assert "stage3_param_persistence_threshold" not in zero  # DeepSpeed's own default when absent
