@@ -1,18 +1,24 @@
 """``dpo-pipeline <stage> --config PATH [--output-dir DIR] [key=value ...]``
 
 Stages: ``tokenize``, ``reference``, ``train``, ``run`` (all three, as a Prefect flow) and
-``build-tiny-model``. With ``num_processes`` > 1, ``reference`` and ``train`` relaunch themselves under
-``torchrun`` (or the ``deepspeed`` launcher); under a launcher each rank runs the stage in-process. User
+``build-tiny-model``. With ``num_processes`` > 1 (or ``num_nodes`` > 1, or ``launcher: slurm``), ``reference``
+and ``train`` relaunch themselves under their launcher; under a launcher (torchrun, deepspeed, srun, mpirun,
+whoever started it) each rank runs the stage in-process, TR-DPO's windows included. User
 errors (config, data, artifacts) print one line and exit 2; there is no traceback for input you can fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.config import DPOPipelineConfig
 
 STAGES = {
     "tokenize": "tokenize the preference dataset into the tokenized Parquet artifact",
@@ -37,17 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("reference", "train"):
             # Internal: the TR-DPO driver runs one window per job (reference pass of window K, or its steps).
             stage.add_argument("--window", type=int, default=None, help=argparse.SUPPRESS)
+            # The deepspeed launcher appends --local_rank=N to every rank's arguments (LOCAL_RANK is set too).
+            stage.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def run_command(args: argparse.Namespace) -> None:
     from pipeline.config import load_config
-    from pipeline.distributed import under_launcher
+    from pipeline.lock import output_dir_lock
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     config = load_config(args.config, overrides)
+    # One run per output directory (pipeline/lock.py); build-tiny-model writes only the model directory.
+    with contextlib.nullcontext() if args.stage == "build-tiny-model" else output_dir_lock(config):
+        _run_stage(args, config)
+
+
+def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
+    from pipeline.distributed import under_launcher
 
     if args.stage == "build-tiny-model":
         from pipeline.tiny_model import build_tiny_model
@@ -65,11 +80,16 @@ def run_command(args: argparse.Namespace) -> None:
         from pipeline import sync
 
         (sync.reference_window if args.stage == "reference" else sync.train_window)(config, args.window)
-    elif args.stage == "train" and config.sync_ref_model and not under_launcher():
+    elif under_launcher() and args.stage == "train" and config.sync_ref_model:
+        # One job for every window: this rank runs the driver's steps in-process with the other ranks.
+        from pipeline.sync import InJobExecutor, run_tr_dpo
+
+        print(run_tr_dpo(config, InJobExecutor(config)))
+    elif args.stage == "train" and config.sync_ref_model:
         from pipeline.sync import run_tr_dpo
 
         print(run_tr_dpo(config))
-    elif config.num_processes > 1 and not under_launcher():
+    elif not under_launcher() and (config.num_processes > 1 or config.num_nodes > 1 or config.launcher == "slurm"):
         from pipeline.launch import run_stage
 
         run_stage(args.stage, config, on_line=print)

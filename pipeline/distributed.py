@@ -16,34 +16,132 @@ import importlib
 import json
 import os
 import socket
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from pipeline.errors import ConfigError
 
+T = TypeVar("T")
+
 NO_LAUNCHER = "DPO_PIPELINE_NO_LAUNCHER"
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# DeepSpeed's multi-node runner forwards only some variables to the other nodes (NCCL*, PYTHON*, ...); these
+# must reach every rank too, so the launcher docs tell users to put them into .deepspeed_env.
+NODE_ENVIRONMENT = ("HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR", "OMP_NUM_THREADS", "CUDA_HOME")
+
+_device_choice = "auto"  # the config's `device`, set by init_distributed / use_device
+
+
+def use_device(choice: str) -> None:
+    """Pin where this process runs (the config's ``device``): auto, cuda or cpu. Refuses cuda without a GPU."""
+    global _device_choice
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: cuda, but CUDA is not usable on {socket.gethostname()} ({_cuda_diagnosis()}); "
+                          f"fix the GPU setup or set device: cpu")
+    if choice == "auto" and not torch.cuda.is_available() and _gpu_hardware_present():
+        raise ConfigError(f"device: auto found GPU device files on {socket.gethostname()} but CUDA is not usable "
+                          f"({_cuda_diagnosis()}); a GPU job must not fall back to CPU silently: fix the GPU "
+                          f"setup, or set device: cpu to run on CPU")
+    _device_choice = choice
+
+
+def _gpu_hardware_present() -> bool:
+    return Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "unset") not in ("", "-1")
+
+
+def _cuda_diagnosis() -> str:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} built for CUDA {torch.version.cuda}, torch.cuda.is_available() is False"
 
 
 def on_gpu() -> bool:
-    return torch.cuda.is_available()
+    return _device_choice != "cpu" and torch.cuda.is_available()
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if on_gpu() else 0
 
 
 def prepare_environment() -> None:
-    """Environment every DeepSpeed process needs; safe to call more than once, before importing deepspeed."""
+    """The rank variables every DeepSpeed process needs; safe to call more than once, before importing deepspeed.
+
+    torchrun and the deepspeed launcher set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*. A task started by
+    ``srun`` or ``mpirun`` has only the scheduler's own variables, which are mapped here (DeepSpeed's own MPI
+    discovery would need mpi4py). A plain process gets made-up variables for rank 0 of 1, marked so that
+    :func:`under_launcher` tells them from a launcher's. A partial set (``WORLD_SIZE`` without ``RANK``) is an
+    error: guessing would start independent rank-0 runs that write into one output directory."""
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Single process without a launcher: DeepSpeed would otherwise look for MPI to discover its rank. The
-    # marker tells these made-up variables from a launcher's (see under_launcher).
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()), **{NO_LAUNCHER: "1"})
+    present = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if name in os.environ]
+    if present and "RANK" in present and "WORLD_SIZE" in present:
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"] if os.environ["WORLD_SIZE"] == "1" else "")
+        if not os.environ["LOCAL_RANK"]:
+            raise ConfigError(f"launcher environment on {socket.gethostname()}: RANK={os.environ['RANK']} and "
+                              f"WORLD_SIZE={os.environ['WORLD_SIZE']} are set but LOCAL_RANK is not; start the "
+                              f"job with torchrun, the deepspeed launcher, srun or mpirun")
+        return
+    if present and NO_LAUNCHER not in os.environ:
+        missing = [name for name in ("RANK", "WORLD_SIZE") if name not in present]
+        raise ConfigError(f"launcher environment on {socket.gethostname()}: {', '.join(present)} set but "
+                          f"{', '.join(missing)} not; set all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+                          f"MASTER_PORT, or start the job with torchrun, the deepspeed launcher, srun or mpirun")
+    mapped = scheduler_rank_environment(os.environ)
+    if mapped:
+        os.environ.update(mapped)
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()), **{NO_LAUNCHER: "1"})
+
+
+def scheduler_rank_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from Slurm's ``srun`` or OpenMPI's ``mpirun``
+    variables; empty when neither started this process as one of several ranks.
+
+    Slurm: only a job *step* (``srun``) has one task per rank; an ``sbatch`` script or ``salloc`` shell is one
+    process (SLURM_PROCID 0 of the allocation's tasks) and runs as a single process, relaunching itself with
+    srun when the config says ``launcher: slurm``. The master is the step's first node; the port is derived
+    from the job and step ids, so every task computes the same one without talking to the others.
+    OpenMPI: ranks come from OMPI_COMM_WORLD_*; a multi-node mpirun must export MASTER_ADDR (``-x``), since
+    nothing in its environment names the first rank's host."""
+    if env.get("SLURM_STEP_ID", "").isdigit() and "SLURM_PROCID" in env:
+        tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        port = 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 17 + int(env["SLURM_STEP_ID"])) % 20000
+        return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "WORLD_SIZE": tasks,
+                "LOCAL_WORLD_SIZE": env.get("SLURM_STEP_TASKS_PER_NODE", tasks).split("(")[0].split(",")[0],
+                "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+                "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+    if "OMPI_COMM_WORLD_RANK" in env:
+        size, local_size = env["OMPI_COMM_WORLD_SIZE"], env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+        if "MASTER_ADDR" not in env and size != local_size:
+            raise ConfigError("mpirun across nodes: export the first rank's host as MASTER_ADDR "
+                              "(mpirun -x MASTER_ADDR=<host> -x MASTER_PORT=<port> ...)")
+        return {"RANK": env["OMPI_COMM_WORLD_RANK"], "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+                "WORLD_SIZE": size, "LOCAL_WORLD_SIZE": local_size,
+                "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+    return {}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[003-010,012],cpu1`` -> ``gpu003`` (what ``scontrol show
+    hostnames`` would print first, without a subprocess per rank)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
 
 def under_launcher() -> bool:
-    """True in a rank started by torchrun or the deepspeed launcher (not in a plain single process)."""
-    return "LOCAL_RANK" in os.environ and NO_LAUNCHER not in os.environ
+    """True in a rank started by torchrun, the deepspeed launcher, srun or mpirun (not in a plain process)."""
+    return ("LOCAL_RANK" in os.environ or bool(scheduler_rank_environment(os.environ))) and (
+        NO_LAUNCHER not in os.environ)
 
 
 def free_port() -> int:
@@ -52,19 +150,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Start (once) the process group: gloo on CPU, nccl on GPU, with the device set from LOCAL_RANK."""
+def init_distributed(config=None) -> None:
+    """Start (once) the process group, with the device set from LOCAL_RANK and checked against the GPUs.
+
+    On GPUs the group is ``cpu:gloo,cuda:nccl``: NCCL for the model's tensors, gloo for the few host-side
+    object collectives (decisions, shard results), which NCCL would otherwise stage through the GPU. With
+    ``config``: its ``device`` choice, ``ddp_timeout`` and attention setting apply."""
+    if config is not None:
+        use_device(config.device)
     prepare_environment()
     import deepspeed
 
     if deepspeed.comm.is_initialized():
         return
     if on_gpu():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local, visible = int(os.environ["LOCAL_RANK"]), gpu_count()
+        if local >= visible:
+            raise ConfigError(f"rank {rank()} on {socket.gethostname()}: LOCAL_RANK {local} but only {visible} "
+                              f"GPU(s) visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); "
+                              f"num_processes must be at most the GPUs per node")
+        torch.cuda.set_device(local)
+        configure_cuda_numerics(config)
     else:
         # importlib, not `import deepspeed.comm.torch as m`: that name resolves to the `torch` package.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")
+    timeout = timedelta(seconds=config.ddp_timeout if config is not None else 1800)
+    deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if on_gpu() else "gloo", timeout=timeout)
+
+
+def configure_cuda_numerics(config) -> None:
+    """TF32 matmuls (bf16/fp32 training on Ampere+ loses nothing that matters, gains up to 8x over fp32), and
+    no cuDNN attention for SDPA unless the user picked an attention implementation: on torch 2.13 with H100/H200
+    its backward gives NaN gradients with a padding mask (huggingface/trl#7181, pytorch#196678)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if config is None or config.attn_implementation is None:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def rank() -> int:
@@ -97,6 +218,54 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def main_decides(decide: Callable[[], T]) -> T:
+    """Rank 0's answer to ``decide()``, on every rank. Collective.
+
+    For every choice made from the shared filesystem (is an artifact complete, which checkpoint to resume):
+    on NFS, attribute caching can show one node a marker another does not see yet, and ranks that decide
+    alone then part ways (some return, the rest hang in a collective; or ZeRO-3 partitions of a resume and of
+    a fresh start get mixed)."""
+    if world_size() == 1:
+        return decide()
+    return all_gather_objects(decide() if is_main_process() else None)[0]
+
+
+def check_ranks_agree(config, *, what: Mapping[str, Any]) -> None:
+    """Before any model work: every rank runs the same config (the node rank aside) on the same artifacts
+    (``what``: fingerprints), and sees ``output_dir`` as rank 0 does (shared storage). One clear line naming the
+    rank and the node otherwise, instead of a hang until the collective timeout. Collective."""
+    if world_size() == 1:
+        return
+    token = f".rank0-{os.getpid()}-{time.time_ns()}"
+    out = config.output_path
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / token).touch()
+    token = all_gather_objects(token)[0]
+    mine = {"host": socket.gethostname(), "rank": rank(), "sees_output": (out / token).exists(),
+            "config": json.loads(config.model_copy(update={"node_rank": 0}).to_json()), "what": dict(what)}
+    everyone = all_gather_objects(mine)
+    barrier()
+    if is_main_process():
+        (out / token).unlink(missing_ok=True)
+    main = everyone[0]
+    for other in everyone[1:]:
+        where = f"rank {other['rank']} on {other['host']}"
+        if not other["sees_output"]:
+            raise ConfigError(f"{where} does not see output_dir {out} as rank 0 on {main['host']} does: output_dir "
+                              f"must be on storage shared by every node")
+        diff = sorted(k for k in set(main["config"]) | set(other["config"])
+                      if main["config"].get(k) != other["config"].get(k))
+        if diff:
+            raise ConfigError(f"{where} runs another config than rank 0 on {main['host']}: "
+                              + "; ".join(f"{k}={other['config'].get(k)!r} there, {main['config'].get(k)!r} on rank 0"
+                                          for k in diff[:4]))
+        diff = sorted(k for k in main["what"] if main["what"][k] != other["what"].get(k))
+        if diff:
+            raise ConfigError(f"{where} sees other artifacts than rank 0 on {main['host']} ({', '.join(diff)} "
+                              f"differ): every node must read the same output_dir, dataset and model")
 
 
 # ------------------------------------------------------------------------------------------------ ds_config
@@ -155,6 +324,11 @@ def resolve_ds_config(config, *, world: int, inference: bool = False) -> dict[st
         ds["fp16"]["enabled"] = False
     _fill(ds, "bf16.enabled", bool(config.bf16), "bf16")
     _fill_bucket_sizes(ds, config)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("overlap_comm") == "auto":
+        # On GPUs the gradient reduce-scatter runs on its own stream beside the backward (5-10 % of a ZeRO-2/3
+        # step on one node, more across nodes); on CPU there are no streams to overlap on.
+        zero["overlap_comm"] = on_gpu()
     if inference:
         micro = config.precompute_ref_batch_size or config.per_device_eval_batch_size
         # DeepSpeed requires a batch size even for inference; the training-only sections are dropped.

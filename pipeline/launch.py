@@ -5,9 +5,10 @@ processes. It runs in a new session, so one ``killpg`` ends the launcher and eve
 exception in the caller (a cancelled Prefect task, Ctrl-C) and at interpreter exit. A failed job raises
 :class:`JobFailed` with its exit code and the tail of its log.
 
-Multi-node: use DeepSpeed's launcher with a hostfile directly, e.g.
-``deepspeed --hostfile hostfile --module pipeline.cli train --config cfg.yaml`` (every node needs the repo,
-the config and shared storage for ``output_dir``).
+Launchers (``launcher`` in the config): torchrun (one node, or ``num_nodes`` with ``node_rank`` and
+``rdzv_endpoint``), the deepspeed launcher (``--num_gpus`` or ``hostfile``), or Slurm's ``srun``
+(:mod:`pipeline.slurm`). Every node needs the repo, the config and shared storage for ``output_dir``. The job's
+config names the model by its local path, resolved once before launching (:func:`job_config`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import collections
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,9 +27,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.artifacts import storage_errors
 from pipeline.config import DPOPipelineConfig, save_config
-from pipeline.distributed import NO_LAUNCHER, free_port, on_gpu
-from pipeline.errors import PipelineError
+from pipeline.distributed import NO_LAUNCHER, RANK_VARIABLES, free_port, gpu_count, on_gpu, use_device
+from pipeline.errors import ConfigError, PipelineError
 
 _LIVE_GROUPS: set[int] = set()
 _LOCK = threading.Lock()
@@ -86,31 +89,71 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def stage_command(stage: str, config_path: Path, *, num_processes: int, launcher: str,
-                  extra_args: tuple[str, ...] = ()) -> list[str]:
-    port = str(free_port())
+def stage_command(stage: str, config_path: Path, config: DPOPipelineConfig, *, extra_args: tuple[str, ...] = (),
+                  job_name: str | None = None) -> list[str]:
+    """The launcher command that runs ``dpo-pipeline <stage>`` with ``config.num_processes`` ranks per node.
+
+    torchrun: one node on loopback, or this machine as node ``node_rank`` of ``num_nodes`` with node 0 at
+    ``rdzv_endpoint`` (start the same command on every node). deepspeed: ``--num_gpus`` on one node (or the
+    GPUs of CUDA_VISIBLE_DEVICES, which ``--num_gpus`` would ignore), or ``hostfile``. slurm: ``srun``."""
     target = ["pipeline.cli", stage, "--config", str(config_path), *extra_args]
-    if launcher == "deepspeed":
-        # --num_gpus also sets the process count on CPU; without it the launcher starts one process here.
-        return ["deepspeed", "--num_gpus", str(num_processes), "--master_port", port, "--module", *target]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
-            "--master_addr", "127.0.0.1", "--master_port", port, "-m", *target]
+    nproc = str(config.num_processes)
+    if config.launcher == "slurm":
+        from pipeline import slurm
+
+        return slurm.srun_command(config, ["-m", *target], job_name or f"dpo-{stage}")
+    if config.launcher == "deepspeed":
+        command = ["deepspeed"]
+        if config.hostfile:
+            command += ["--hostfile", str(config.resolve_path(config.hostfile)), "--num_gpus", nproc]
+        elif os.environ.get("CUDA_VISIBLE_DEVICES") and on_gpu():
+            # --num_gpus drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1: on a shared node, someone else's.
+            visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[: config.num_processes]
+            command += ["--include", f"localhost:{','.join(visible)}"]
+        else:
+            # --num_gpus also sets the process count on CPU; without it the launcher starts one process here.
+            command += ["--num_gpus", nproc]
+        return [*command, "--master_port", str(free_port()), "--module", *target]
+    if config.num_nodes > 1:
+        host, _, port = config.rdzv_endpoint.rpartition(":")
+        nodes = ["--nnodes", str(config.num_nodes), "--node_rank", str(config.node_rank),
+                 "--master_addr", host, "--master_port", port]
+    else:
+        nodes = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, *nodes, "-m", *target]
 
 
 def job_environment() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # A launcher sets these itself; values inherited from a parent job would confuse it.
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", NO_LAUNCHER):
+    for key in (*RANK_VARIABLES, NO_LAUNCHER):
         env.pop(key, None)
     if not on_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
+def check_devices(config: DPOPipelineConfig) -> None:
+    """Before launching: the ranks per node fit the GPUs this node has (a job on a node of its own, under
+    Slurm, is checked by its ranks)."""
+    use_device(config.device)
+    if on_gpu() and config.launcher != "slurm" and config.num_processes > gpu_count():
+        raise ConfigError(f"num_processes: {config.num_processes} ranks per node, but {socket.gethostname()} has "
+                          f"{gpu_count()} visible GPU(s); set num_processes to at most that")
+
+
+def job_config(config: DPOPipelineConfig) -> DPOPipelineConfig:
+    """The config a job runs: names resolved to local paths once, here, so that no rank of any job asks the Hub
+    again (compute nodes are often offline) and every rank reads the very same files."""
+    return config.model_copy(update={"model_name_or_path": str(config.model_dir())})
+
+
 def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable[[str], None] | None = None,
-            timeout: float | None = None) -> None:
-    """Run ``command`` in a new process group, tee its output to ``log_path`` and ``on_line``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+            timeout: float | None = None, slurm_job_name: str | None = None) -> None:
+    """Run ``command`` in a new process group, tee its output to ``log_path`` and ``on_line``. A Slurm job
+    (``slurm_job_name``) is also scancel'ed when it is ended early: srun killed outright leaves its step running."""
+    with storage_errors(log_path):  # an unwritable or full logs/ is one line, before any job starts
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=job_environment(), start_new_session=True, preexec_fn=_die_with_parent)
@@ -120,7 +163,7 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
     try:
         if timer:
             timer.start()
-        with open(log_path, "a") as log:
+        with storage_errors(log_path), open(log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
             for line in proc.stdout:
                 log.write(line)
@@ -133,6 +176,10 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
             timer.cancel()
         # Reached with the job still running only on an exception here (cancellation, Ctrl-C): end it all.
         _kill_group(proc.pid, grace=2.0)
+        if slurm_job_name and proc.poll() != 0:
+            from pipeline import slurm
+
+            slurm.cancel(slurm_job_name)
         with _LOCK:
             _LIVE_GROUPS.discard(proc.pid)
     if proc.returncode != 0:
@@ -143,11 +190,15 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
 
 def run_stage(stage: str, config: DPOPipelineConfig, *, extra_args: tuple[str, ...] = (),
               on_line: Callable[[str], None] | None = None, timeout: float | None = None) -> None:
-    """Run ``dpo-pipeline <stage>`` for ``config`` as a launcher job with ``config.num_processes`` ranks."""
+    """Run ``dpo-pipeline <stage>`` for ``config`` as a launcher job with ``config.num_processes`` ranks per node."""
+    check_devices(config)
+    config = job_config(config)
     text = config.to_json()
-    config_path = config.output_path / "jobs" / f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    config_path = config.output_path / "jobs" / f"{stage}-{digest}.yaml"
     save_config(config, config_path)
-    command = stage_command(stage, config_path, num_processes=config.num_processes, launcher=config.launcher,
-                            extra_args=extra_args)
+    # A Slurm job is found again by its name (to cancel it): the flow run's id when there is one.
+    job_name = f"dpo-{stage}-{os.environ.get('PREFECT__FLOW_RUN_ID', digest)[:36]}"
+    command = stage_command(stage, config_path, config, extra_args=extra_args, job_name=job_name)
     run_job(stage, command, log_path=config.output_path / "logs" / f"{stage}.log", on_line=on_line,
-            timeout=timeout)
+            timeout=timeout, slurm_job_name=job_name if config.launcher == "slurm" else None)

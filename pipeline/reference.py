@@ -8,11 +8,11 @@ done as a separate DeepSpeed job).
 
 Features:
 
-* **DeepSpeed inference engine, no optimizer.** ZeRO-3 by default (``deepspeed: null``), loaded already
+* **DeepSpeed inference engine, no optimizer.** ``reference_zero_stage: auto`` runs stage 0 (replicated
+  weights, no gathers) when the model takes at most half of one device, else ZeRO-3, loaded already
   partitioned through ``HfDeepSpeedConfig``, so a model larger than one device is sharded across the ranks.
-  A ZeRO-1/2 ds_config runs the pass at stage 0: those stages shard only optimizer state and gradients, which
-  a forward-only pass does not have, and DeepSpeed refuses them without an optimizer. 1 or N processes
-  (``torchrun`` or the ``deepspeed`` launcher); gloo on CPU, nccl on GPU. ``eval()`` and ``no_grad``.
+  (ZeRO-1/2 shard only optimizer state and gradients, which a forward-only pass does not have.) 1 or N
+  processes under any launcher; gloo on CPU, nccl on GPU. ``eval()`` and ``no_grad``.
 * **One log-prob function.** :func:`pipeline.logprobs.completion_logps`, the very function training calls for
   the policy: completion tokens only, float32 accumulation whatever the model dtype, no full
   [batch, seq, vocab] float32 log-softmax. Model dtype bf16 when ``bf16`` is set, else fp32.
@@ -42,8 +42,11 @@ number of forward calls, so a rank short of batches repeats one and drops its re
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -74,8 +78,12 @@ from pipeline.distributed import (
     all_gather_objects,
     barrier,
     device,
+    check_ranks_agree,
     init_distributed,
     is_main_process,
+    load_ds_config,
+    main_decides,
+    on_gpu,
     rank,
     resolve_ds_config,
     world_size,
@@ -187,7 +195,9 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, m
     inputs = _inputs(tokenized_fingerprint=tokenized["fingerprint"], weights_hash=model_weights_hash(model_dir),
                      dtype=_dtype_name(config), splits=splits, example_ids=example_ids, extra_inputs=extra_inputs)
     fp = expected_fingerprint(KIND, SCHEMA_VERSION, inputs)
-    if is_complete(out_dir, kind=KIND, fingerprint=fp):
+    init_distributed(config)
+    check_ranks_agree(config, what={"reference": fp})
+    if main_decides(lambda: is_complete(out_dir, kind=KIND, fingerprint=fp)):
         log.info("reference artifact %s is complete (same inputs): no model work", out_dir)
         return out_dir
 
@@ -196,9 +206,8 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, m
     plan = [_Shard(split, index, ids) for split, table in tables.items()
             for index, ids in enumerate(_chunks(table.column("example_id").to_numpy(), shard_size))]
 
-    init_distributed()
     # Rank 0 decides what is done and everyone follows: ranks must agree on the work to stay in step.
-    reused = all_gather_objects(_committed_shards(out_dir, plan, fp) if is_main_process() else None)[0]
+    reused = main_decides(lambda: _committed_shards(out_dir, plan, fp))
     todo = [shard for shard in plan if shard.name not in reused]
     if is_main_process():
         (out_dir / MANIFEST).unlink(missing_ok=True)  # an old manifest must not vouch for files that change now
@@ -350,15 +359,52 @@ class _Stats:
     seconds: float = 0.0  # wall time of the model work in this run
 
 
-def _inference_ds_config(config: DPOPipelineConfig) -> dict[str, Any]:
-    if config.deepspeed is None:
+def _inference_ds_config(config: DPOPipelineConfig, model_dir: Path) -> dict[str, Any]:
+    """The reference pass's ds_config: ZeRO-3 (the configured ds_config's, or the shipped one) when the model
+    must be sharded, else stage 0, where every rank holds the model and a forward gathers nothing (at 7B bf16
+    on one node, ZeRO-3 would all-gather every layer on every forward for no memory need)."""
+    stage = config.reference_zero_stage
+    if stage == "auto":
+        stage = 0 if _fits_one_device(config, model_dir) else 3
+    if stage == 3 and (config.deepspeed is None or zero_stage(load_ds_config(config.resolve_path(config.deepspeed))) != 3):
         config = config.model_copy(update={"deepspeed": str(DEFAULT_DS_CONFIG)})
     ds = resolve_ds_config(config, world=world_size(), inference=True)
-    if zero_stage(ds) in (1, 2):
-        # ZeRO-1/2 partition optimizer state and gradients only; a forward pass has neither (and DeepSpeed
-        # asserts an optimizer for them), so they mean replicated weights: stage 0.
+    if stage == 0:
+        # Replicated weights. (ZeRO-1/2 partition only optimizer state and gradients, which a forward pass does
+        # not have, and DeepSpeed asserts an optimizer for them.)
         ds["zero_optimization"] = {"stage": 0}
     return ds
+
+
+# Share of one device's memory the replicated reference weights may take; the rest is for activations and the
+# completion logits of a large no-grad batch.
+REPLICATED_WEIGHTS_SHARE = 0.5
+
+
+def _fits_one_device(config: DPOPipelineConfig, model_dir: Path) -> bool:
+    """The weights, in the run's dtype, take at most :data:`REPLICATED_WEIGHTS_SHARE` of one GPU (or, on CPU,
+    of this node's memory divided by its ranks)."""
+    weights = model_parameter_count(model_dir) * (2 if config.bf16 else 4)
+    if on_gpu():
+        capacity = torch.cuda.get_device_properties(device()).total_memory
+    else:
+        capacity = psutil.virtual_memory().total / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return weights <= REPLICATED_WEIGHTS_SHARE * capacity
+
+
+def model_parameter_count(model_dir: Path) -> int:
+    """Parameters in a model directory's safetensors files, from their headers alone (no tensor is read). A
+    model without safetensors counts as too big to replicate (ZeRO-3 is always safe)."""
+    total = 0
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return 1 << 62
+    for path in files:
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
 
 
 def _load_engine(config: DPOPipelineConfig, model_dir: Path):
@@ -367,7 +413,7 @@ def _load_engine(config: DPOPipelineConfig, model_dir: Path):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    ds = _inference_ds_config(config)
+    ds = _inference_ds_config(config, model_dir)
     # Alive during from_pretrained: transformers then loads each weight straight into its ZeRO-3 partition.
     zero3_loading = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
     try:

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, launch, reference, train
+from pipeline import data, distributed, launch, reference, train
 from pipeline.artifacts import (
     MANIFEST,
     WEIGHT_SUFFIXES,
@@ -81,7 +81,7 @@ from pipeline.schedule import TrainingSchedule
 KIND = "reference_version"
 SCHEMA_VERSION = 1
 
-__all__ = ["KIND", "SCHEMA_VERSION", "Executor", "Step", "WindowPlan", "mix_safetensors", "mix_window",
+__all__ = ["KIND", "SCHEMA_VERSION", "Executor", "InJobExecutor", "Step", "WindowPlan", "mix_safetensors", "mix_window",
            "plan_windows", "reference_version_dir", "reference_window", "run_step", "run_tr_dpo", "safetensors_files",
            "train_window", "window_bounds", "window_reference_dir"]
 
@@ -121,7 +121,10 @@ def _tokenized_dir(config: DPOPipelineConfig) -> Path:
 def plan_windows(config: DPOPipelineConfig, tokenized_dir: Path | None = None) -> WindowPlan:
     """The windows of ``config``'s run, from its tokenized train split (as the training recipe builds them)."""
     ids = data.load_tokenized(tokenized_dir or _tokenized_dir(config), "train").column("example_id").to_numpy()
-    schedule = TrainingSchedule.from_config(config, ids, config.num_processes)
+    # The ranks of the training job: this job's own inside a launcher, else the ones the driver will launch.
+    world = (distributed.world_size() if distributed.under_launcher()
+             else config.num_processes * config.num_nodes)
+    schedule = TrainingSchedule.from_config(config, ids, world)
     return WindowPlan(schedule, window_bounds(config, schedule))
 
 
@@ -179,14 +182,20 @@ class _Run:
 
 
 # ---------------------------------------------------------------------------------------------- versions
+def _initial_version_inputs(run: _Run) -> dict[str, Any]:
+    return {"version": 0, "model_weights": model_weights_hash(run.model_dir)}
+
+
+def _initial_version_recorded(run: _Run) -> bool:
+    return is_complete(run.version_dir(0), kind=KIND,
+                       fingerprint=expected_fingerprint(KIND, SCHEMA_VERSION, _initial_version_inputs(run)))
+
+
 def _write_initial_version(run: _Run) -> None:
     """v0: the original model, recorded by content hash (no copy). Fails early if it cannot be mixed later."""
     safetensors_files(run.model_dir)
-    inputs = {"version": 0, "model_weights": model_weights_hash(run.model_dir)}
-    out = run.version_dir(0)
-    if not is_complete(out, kind=KIND, fingerprint=expected_fingerprint(KIND, SCHEMA_VERSION, inputs)):
-        write_manifest(out, kind=KIND, schema_version=SCHEMA_VERSION, inputs=inputs, files=[],
-                       model_dir=str(run.model_dir))
+    write_manifest(run.version_dir(0), kind=KIND, schema_version=SCHEMA_VERSION, inputs=_initial_version_inputs(run),
+                   files=[], model_dir=str(run.model_dir))
 
 
 def _read_version(run: _Run, k: int) -> dict[str, Any]:
@@ -322,6 +331,31 @@ def run_step(step: Step, config: DPOPipelineConfig) -> None:
         launch.run_stage(step.stage, config, extra_args=step.args, on_line=print)
 
 
+class InJobExecutor:
+    """The executor inside a launcher's job (torchrun, deepspeed, srun, mpirun started every rank): each rank
+    runs the driver, collective steps in-process on all ranks together, local steps (tokenize, mix) on rank 0
+    while the others wait, and every skip decision is rank 0's (:func:`pipeline.distributed.main_decides`)."""
+
+    def __init__(self, config: DPOPipelineConfig):
+        distributed.init_distributed(config)
+
+    def __call__(self, step: Step, config: DPOPipelineConfig) -> None:
+        if step.stage is not None:
+            step.fn()
+            return
+        if distributed.is_main_process():
+            step.fn()
+        distributed.barrier()
+
+    decide = staticmethod(distributed.main_decides)
+
+
+def _decide(execute: Executor, question: Callable[[], bool]) -> bool:
+    """The executor's answer to a skip question (rank 0's inside a job), else the question asked here."""
+    decide = getattr(execute, "decide", None)
+    return decide(question) if decide else question()
+
+
 def _committed(directory: Path, kind: str) -> bool:
     """A content-addressed artifact (``<stage>/<fingerprint[:16]>``) whose manifest is there and matches."""
     try:
@@ -349,28 +383,35 @@ def run_tr_dpo(config: DPOPipelineConfig, executor: Executor | None = None) -> P
         raise ConfigError("sync_ref_model: the TR-DPO driver needs sync_ref_model: true")
     execute = executor or run_step
     tokenized = _tokenized_dir(config)
-    if not is_complete(tokenized, kind=data.KIND, fingerprint=data.tokenized_fingerprint(config)):
+    if not _decide(execute, lambda: is_complete(tokenized, kind=data.KIND,
+                                                fingerprint=data.tokenized_fingerprint(config))):
         execute(Step("tokenize", tokenized, partial(data.tokenize_stage, config)), config)
     eval_reference = reference.reference_dir_for(config)
-    if not _committed(eval_reference, reference.KIND):
+    if not _decide(execute, lambda: _committed(eval_reference, reference.KIND)):
         execute(Step("reference-eval", eval_reference, partial(reference.reference_stage, config), "reference"),
                 config)
     run = _Run.of(config)
-    _write_initial_version(run)
+    if not _decide(execute, lambda: _initial_version_recorded(run)):
+        if distributed.is_main_process():
+            _write_initial_version(run)
+        distributed.barrier()
     for k in range(len(run.plan.bounds)):
         last = k == run.plan.last
-        if not last and _version_follows(run, k + 1):
+        if not last and _decide(execute, partial(_version_follows, run, k + 1)):
             continue  # window k trained and mixed
-        if not (_committed(run.run_dir, train.KIND) if last else run.policy_dir(k).is_dir()):
+        trained = (partial(_committed, run.run_dir, train.KIND) if last else run.policy_dir(k).is_dir)
+        if not _decide(execute, trained):
             window = ("--window", str(k))
-            if not _window_reference_complete(run, k):
+            if not _decide(execute, partial(_window_reference_complete, run, k)):
                 execute(Step(f"reference-window-{k}", run.window_dir(k), partial(reference_window, config, k),
                              "reference", window), config)
             execute(Step(f"train-window-{k}", run.run_dir if last else run.policy_dir(k),
                          partial(train_window, config, k), "train", window), config)
         if not last:
             execute(Step(f"mix-window-{k}", run.version_dir(k + 1), partial(_mix_window, run, k)), config)
-    _write_summary(run)
+    if distributed.is_main_process():
+        _write_summary(run)
+    distributed.barrier()
     return run.run_dir
 
 

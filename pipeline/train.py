@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -68,16 +69,18 @@ from pipeline.artifacts import (
 from pipeline.config import DPOPipelineConfig
 from pipeline.distributed import (
     barrier,
+    check_ranks_agree,
     device,
     init_distributed,
     is_main_process,
+    main_decides,
     load_ds_config,
     rank,
     resolve_ds_config,
     world_size,
     zero_stage,
 )
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.errors import ArtifactError, ConfigError, TrainingDiverged
 from pipeline.logprobs import PairBatch, collate_pairs, completion_logps
 from pipeline.losses import LossState, PairLogps, compute_loss
 from pipeline.metrics import (
@@ -107,6 +110,8 @@ OPTIMISATION_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient
                        "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
                        "gradient_checkpointing", "seed")
 SYNC_FIELDS = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
+# Fault injection for the divergence guard's tests: the loss of this (1-based) step is made NaN.
+_INJECTED_NONFINITE_STEP = int(os.environ.get("DPO_PIPELINE_INJECT_NONFINITE_LOSS_AT_STEP", "0"))
 
 __all__ = ["KIND", "SCHEMA_VERSION", "DPOTrainingRecipe", "read_summary", "train_dir_for", "train_stage",
            "update_summary"]
@@ -196,6 +201,40 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class MetricSums:
+    """Pair-weighted metric sums of one step (or one evaluation) on the engine's device, and their global means.
+
+    Everything stays on ``device`` until the one all-reduce: no host sync per micro-batch (each would stall
+    ZeRO-3's prefetch), and the collective runs on the device the process group's backend serves (NCCL takes
+    only CUDA tensors). :meth:`means` then makes the step's single device-to-host transfer."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.pairs = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, metrics: dict[str, torch.Tensor], pairs: int, tokens: torch.Tensor | int) -> None:
+        for name, value in metrics.items():
+            weighted = value.detach().double() * pairs
+            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
+        self.pairs += pairs
+        self.tokens += tokens
+
+    def add_names(self, names) -> None:
+        """Zeros under ``names`` (a rank whose evaluation had only stand-in batches must still reduce them)."""
+        for name in names:
+            self.sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=self.device))
+
+    def reduced(self) -> torch.Tensor:
+        """[sum of each metric..., pairs, tokens] summed over ranks, still on the device."""
+        return _all_reduce_sum(torch.stack([*self.sums.values(), self.pairs, self.tokens]))
+
+    def means(self) -> tuple[dict[str, float], int]:
+        values = self.reduced().tolist()
+        return {name: values[i] / values[-2] for i, name in enumerate(self.sums)}, int(values[-1])
+
+
 def _policy_logps(out) -> PairLogps:
     (chosen, rejected), (chosen_len, rejected_len), (chosen_pub, rejected_pub) = (
         out.halves("logps"), out.halves("lengths"), out.halves("public_logps"))
@@ -208,6 +247,19 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}
     return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: decay on matrices, none on biases and norm scales (the HF Trainer's rule, by shape).
+
+    By the parameter's full shape: under ZeRO-3 a partitioned parameter's ``.data`` is an empty 1-D tensor and
+    its real shape is ``ds_shape``, so ``p.ndim`` would put every weight in the no-decay group."""
+    def matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    groups = [{"params": [p for p in model.parameters() if matrix(p)], "weight_decay": weight_decay},
+              {"params": [p for p in model.parameters() if not matrix(p)], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def _checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -267,8 +319,9 @@ class DPOTrainingRecipe:
 
         self.checkpoint_root = self.run_dir / CHECKPOINTS
         self.resume_key = {"world_size": self.world, **plan.inputs}
-        latest = _checkpoints(self.checkpoint_root)
-        self.resume_from = latest[-1] if latest else None
+        # Rank 0 picks the checkpoint: ranks resuming from different ones would mix their ZeRO partitions.
+        latest = main_decides(lambda: [(step, str(path)) for step, path in _checkpoints(self.checkpoint_root)[-1:]])
+        self.resume_from = (latest[0][0], Path(latest[0][1])) if latest else None
         if self.resume_from:
             self._check_resumable(self.resume_from[1])
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
@@ -279,7 +332,7 @@ class DPOTrainingRecipe:
 
     # ------------------------------------------------------------------ setup
     def _check_resumable(self, checkpoint: Path) -> None:
-        saved = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+        saved = main_decides(lambda: json.loads((checkpoint / CHECKPOINT_MARKER).read_text()))
         ours, theirs = _flat(self.resume_key), _flat(saved["resume_key"])
         diffs = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(ours) | set(theirs))
                  if ours.get(k) != theirs.get(k)]
@@ -298,7 +351,7 @@ class DPOTrainingRecipe:
         from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
         from transformers.integrations import HfDeepSpeedConfig
 
-        init_distributed()
+        init_distributed(self.config)
         torch.manual_seed(self.config.seed)
         model_config = AutoConfig.from_pretrained(self.model_dir)
         for name, value in model_config.to_dict().items():
@@ -313,10 +366,7 @@ class DPOTrainingRecipe:
                 module.p = 0.0
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on biases and norm scales
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        groups = weight_decay_groups(model, self.config.weight_decay)
         optimizer = None
         if "optimizer" not in self.ds_config:
             c = self.config
@@ -349,33 +399,41 @@ class DPOTrainingRecipe:
         loss, metrics = compute_loss(_policy_logps(out), ref, self.spec, state)
         return loss, metrics, batch.num_tokens
 
-    def _global_means(self, sums: dict[str, torch.Tensor], pairs: int, tokens: int) -> tuple[dict[str, float], int]:
-        names = list(sums)
-        totals = _all_reduce_sum(torch.stack([*(sums[n].double() for n in names),
-                                              torch.tensor(float(pairs), dtype=torch.float64),
-                                              torch.tensor(float(tokens), dtype=torch.float64)]))
-        values = totals.tolist()
-        return {n: values[i] / values[-2] for i, n in enumerate(names)}, int(values[-1])
-
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
         learning_rate = self.engine.get_lr()[0]
-        sums: dict[str, torch.Tensor] = {}
-        pairs = tokens = 0
+        sums = MetricSums(self.engine.device)
         for ids in self.schedule.micro_batches(step, self.rank, self.world, self.config.gradient_accumulation_steps):
             loss, metrics, n_tokens = self._forward_loss(ids, self.train, self.loss_state)
+            if step + 1 == _INJECTED_NONFINITE_STEP:
+                loss = loss * float("nan")
+                metrics = {**metrics, "loss": loss.detach()}
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().cpu() * len(ids)
-            pairs, tokens = pairs + len(ids), tokens + n_tokens
-        means, tokens = self._global_means(sums, pairs, tokens)
+            sums.add(metrics, len(ids), n_tokens)
+        means, tokens = sums.means()
         seconds = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
-        return {"step": step + 1, "epoch": round((step + 1) / self.schedule.steps_per_epoch, 4), **means,
-                "learning_rate": learning_rate,
-                **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                "tokens_per_second": tokens / seconds, "step_seconds": seconds}
+        record = {"step": step + 1, "epoch": round((step + 1) / self.schedule.steps_per_epoch, 4), **means,
+                  "learning_rate": learning_rate,
+                  **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                  "tokens_per_second": tokens / seconds, "step_seconds": seconds}
+        self._stop_if_diverged(record)
+        return record
+
+    def _stop_if_diverged(self, record: dict[str, Any]) -> None:
+        """A non-finite loss or gradient norm ends the run before anything is saved: the weights that step
+        produced are not trusted, and the newest checkpoint (if any) is where a fixed run resumes."""
+        bad = {name: record.get(name) for name in ("loss", "grad_norm")
+               if record.get(name) is not None and not math.isfinite(record[name])}
+        if not bad:
+            return
+        latest = _checkpoints(self.checkpoint_root)
+        resume = (f"the newest checkpoint is {latest[-1][1]} (step {latest[-1][0]}); a rerun resumes there"
+                  if latest else "there is no checkpoint yet; a rerun starts over")
+        raise TrainingDiverged(f"step {record['step']}: non-finite {' and '.join(f'{k} ({v})' for k, v in bad.items())}; "
+                               f"stopped before saving. {resume}. Lower learning_rate, check bf16 / attention "
+                               f"(attn_implementation) or the data, then rerun")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -383,8 +441,7 @@ class DPOTrainingRecipe:
         self.engine.eval()
         per_rank = self.config.per_device_eval_batch_size
         ids = self.eval.ids
-        sums: dict[str, torch.Tensor] = {}
-        pairs = tokens = 0
+        sums = MetricSums(self.engine.device)
         for start in range(0, len(ids), per_rank * self.world):
             mine = ids[start + self.rank * per_rank:start + (self.rank + 1) * per_rank]
             # Under ZeRO-3 a forward gathers parameters collectively: a rank out of examples scores a stand-in.
@@ -392,12 +449,10 @@ class DPOTrainingRecipe:
             state.load_state_dict(self.loss_state.state_dict())
             _, metrics, n_tokens = self._forward_loss(mine if len(mine) else ids[:1], self.eval, state)
             if len(mine):
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + value.cpu() * len(mine)
-                pairs, tokens = pairs + len(mine), tokens + n_tokens
-        if not sums:  # this rank had only stand-ins: contribute zeros under the same names
-            sums = {name: torch.zeros(()) for name in metrics}
-        means, _ = self._global_means(sums, pairs, tokens)
+                sums.add(metrics, len(mine), n_tokens)
+            else:
+                sums.add_names(metrics)
+        means, _ = sums.means()
         self.engine.train()
         self.last_eval_step = self.step
         return {"step": self.step, **{f"eval_{name}": value for name, value in means.items()}}
@@ -430,7 +485,7 @@ class DPOTrainingRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def _has_checkpoint(self, step: int) -> bool:
-        return (self.checkpoint_root / f"step-{step}" / CHECKPOINT_MARKER).is_file()
+        return main_decides(lambda: (self.checkpoint_root / f"step-{step}" / CHECKPOINT_MARKER).is_file())
 
     def save_checkpoint(self) -> None:
         tag = f"step-{self.step}"
@@ -477,18 +532,17 @@ class DPOTrainingRecipe:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # any dtype, despite the name
         else:
             state = self.engine.module.state_dict() if is_main_process() else None
-        if is_main_process():
+        if is_main_process():  # the other ranks go on: whoever reads the model next is rank 0 or waits for it
             _save_hf(self.engine.module, state, out, self.model_dir)
-        barrier()
 
     def finish(self) -> None:
         """Final eval (unless the last step just had one), final model, plots, summary, manifest (last)."""
         if self.eval is not None and self.last_eval_step != self.step:
             self._log(self.evaluate())
         self.save_policy(self.run_dir / FINAL_MODEL)
+        # Rank 0 alone writes and hashes the outputs; the others are done and need not wait in a collective.
         if is_main_process():
             self._write_outputs()
-        barrier()
 
     def _write_outputs(self) -> None:
         records = self.metrics.records()
@@ -540,7 +594,9 @@ def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None, trai
     ``metrics.jsonl``, plots, ``summary.json`` and ``manifest.json``. A complete run dir is returned as is."""
     plan = plan_run(config)
     run_dir = plan.run_dir
-    if is_complete(run_dir, kind=KIND, fingerprint=plan.fingerprint):
+    init_distributed(config)
+    check_ranks_agree(config, what={"train": plan.fingerprint, "tokenized": plan.tokenized_fingerprint})
+    if main_decides(lambda: is_complete(run_dir, kind=KIND, fingerprint=plan.fingerprint)):
         log.info("training run %s is complete (same inputs): nothing to do", run_dir)
         return run_dir
     recipe = DPOTrainingRecipe(config, plan, train_reference_dir=train_reference_dir,

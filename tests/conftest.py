@@ -6,6 +6,8 @@ import os
 # with no internet a Hub lookup should fail at once instead of retrying for half a minute.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Remembered weight digests go to a private place, not the user's cache.
+os.environ.setdefault("DPO_PIPELINE_DIGEST_CACHE", __import__("tempfile").mkdtemp(prefix="dpo-digests-"))
 
 from pathlib import Path  # noqa: E402
 
