@@ -9,7 +9,9 @@
   process started (:func:`pipeline.launch.kill_all_jobs`) and every other process group whose leader carries
   the flow run's id in its environment. The second part matters for deployments: there the runner (worker or
   ``serve``) runs ``on_cancellation`` hooks in its own process, while the jobs belong to the flow-run
-  subprocess it started (which sets ``PREFECT__FLOW_RUN_ID``, inherited by every job).
+  subprocess it started (which sets ``PREFECT__FLOW_RUN_ID``, inherited by every job). Slurm jobs may run on other
+  hosts, out of reach of signals: the hook scancels this user's jobs whose name carries the flow run's id
+  (:func:`pipeline.slurm.cancel_containing`; ``run_stage`` names them so).
 
 How a cancelled run leaves no process, in order: the runner SIGTERMs the flow-run process; Prefect turns that
 into an exception in the main thread, where the task is blocked reading the job's output; ``run_job``'s
@@ -33,6 +35,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging.loggers import flow_run_logger
 
+from pipeline import slurm
 from pipeline.launch import kill_all_jobs
 
 PROGRESS_STEP = 5.0  # percent between two updates of a progress artifact
@@ -104,6 +107,8 @@ def kill_flow_run_groups(flow_run_id: str, grace: float = 5.0) -> int:
 def stop_flow_run_jobs(flow, flow_run, state) -> None:
     """Flow hook (on_cancellation, on_crashed): no job of this flow run outlives it."""
     ended = kill_all_jobs() + kill_flow_run_groups(str(flow_run.id))
-    if ended:
+    cancelled = slurm.cancel_containing(str(flow_run.id))
+    if ended or cancelled:
         # flow_run_logger, not get_run_logger: a runner calls this hook outside any run context.
-        flow_run_logger(flow_run, flow).warning("flow run %s: ended %d job process group(s)", state.name, ended)
+        flow_run_logger(flow_run, flow).warning("flow run %s: ended %d job process group(s), %d Slurm job(s)",
+                                                state.name, ended, cancelled)

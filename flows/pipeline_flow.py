@@ -14,9 +14,13 @@ Features:
   the flows' hooks and on timeout by the launcher (see :mod:`flows.jobs`).
 * **Prefect artifacts**: a progress bar per long stage while it runs, then the final metrics table and a
   markdown report with the plots and the artifact manifests (:mod:`flows.report`).
+* **One run per output directory**: every flow holds the output directory's lock (:mod:`pipeline.lock`) for
+  its whole run, so an overlapping run (a scheduled deployment running long, a second ``dpo-pipeline run``)
+  waits for it, or fails at once with ``output_dir_lock: fail``; the jobs a flow starts inherit the lock.
 * :func:`run_pipeline` is what ``dpo-pipeline run`` calls: it checks the Prefect API first (an unreachable
-  ``PREFECT_API_URL`` is one clear line, not a connection traceback), runs the flow in this process and prints
-  where everything is.
+  ``PREFECT_API_URL`` is one clear line, not a connection traceback), runs the flow in this process on its own
+  temporary API, ended cleanly by SIGTERM, SIGINT and SIGHUP (:mod:`flows.local_run`), and prints where
+  everything is.
 
 Prefect is imported only under ``flows/``: the ``pipeline`` library and its stage commands run without it.
 
@@ -29,13 +33,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_client
-from prefect.settings import (
-    PREFECT_API_URL,
-    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-    temporary_settings,
-)
+from prefect.settings import PREFECT_API_URL
 
 from flows.jobs import stop_flow_run_jobs
+from flows.local_run import run_api, signals_end_the_run
 from flows.report import format_report, publish_report
 from flows.tasks import (
     WindowTasks,
@@ -47,12 +48,12 @@ from flows.tasks import (
 )
 from pipeline.config import DPOPipelineConfig, load_config
 from pipeline.errors import PipelineError
+from pipeline.lock import output_dir_lock
 from pipeline.reference import reference_dir_for
 from pipeline.sync import run_tr_dpo
 from pipeline.train import train_dir_for
 
 DEFAULT_CONFIG = "configs/default.yaml"
-EPHEMERAL_STARTUP_TIMEOUT_S = 180
 _JOB_HOOKS = {"on_cancellation": [stop_flow_run_jobs], "on_crashed": [stop_flow_run_jobs]}
 
 
@@ -74,14 +75,18 @@ def _train(config: DPOPipelineConfig, timeout: float | None) -> str:
 @flow(name="dpo-tokenize")
 def tokenize_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None) -> str:
     """Tokenize the preference dataset (returns the tokenized artifact's directory)."""
-    return _tokenize(load_config(config_path, overrides))
+    config = load_config(config_path, overrides)
+    with output_dir_lock(config):
+        return _tokenize(config)
 
 
 @flow(name="dpo-reference", **_JOB_HOOKS)
 def reference_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
                    job_timeout_s: float | None = None) -> str:
     """The reference pass (needs the tokenized artifact; returns the reference artifact's directory)."""
-    return _reference(load_config(config_path, overrides), job_timeout_s)
+    config = load_config(config_path, overrides)
+    with output_dir_lock(config):
+        return _reference(config, job_timeout_s)
 
 
 @flow(name="dpo-train", **_JOB_HOOKS)
@@ -89,8 +94,9 @@ def train_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, An
                job_timeout_s: float | None = None) -> str:
     """Training from the cached reference log-probs (returns the run directory)."""
     config = load_config(config_path, overrides)
-    run_dir = _train(config, job_timeout_s)
-    publish_report(config, run_dir)
+    with output_dir_lock(config):
+        run_dir = _train(config, job_timeout_s)
+        publish_report(config, run_dir)
     return run_dir
 
 
@@ -100,17 +106,18 @@ def dpo_pipeline(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, 
     """tokenize -> reference pass -> train. ``overrides`` are config values (``{"beta": 0.2}``) applied over
     ``config_path``; ``job_timeout_s`` bounds each DeepSpeed job. Returns the artifact directories."""
     config = load_config(config_path, overrides)
-    paths = {"tokenized": _tokenize(config)}
-    paths["reference"] = _reference(config, job_timeout_s)
-    paths["train"] = _train(config, job_timeout_s)
-    publish_report(config, paths["train"])
+    with output_dir_lock(config):
+        paths = {"tokenized": _tokenize(config)}
+        paths["reference"] = _reference(config, job_timeout_s)
+        paths["train"] = _train(config, job_timeout_s)
+        publish_report(config, paths["train"])
     return paths
 
 
 # ---------------------------------------------------------------------------------------------- local runs
 def check_prefect_api(*, server_required: bool = False) -> None:
     """Raise a one-line PipelineError when ``PREFECT_API_URL`` is set but nothing healthy answers there (or,
-    with ``server_required``, when it is unset). Unset, a run gets a temporary local API from Prefect."""
+    with ``server_required``, when it is unset). Unset, a run gets a temporary API (:mod:`flows.local_run`)."""
     url = PREFECT_API_URL.value()
     start = "start one with `prefect server start` and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
     if not url:
@@ -126,15 +133,15 @@ def check_prefect_api(*, server_required: bool = False) -> None:
 
 
 def run_pipeline(config: DPOPipelineConfig) -> dict[str, str]:
-    """Run the ``dpo-pipeline`` flow in this process for a validated config; print where the results are."""
+    """Run the ``dpo-pipeline`` flow in this process for a validated config; print where the results are.
+
+    Under the output directory's lock, on this run's own temporary API unless ``PREFECT_API_URL`` names one,
+    and ended by SIGTERM, SIGINT or SIGHUP with its jobs, its API and a Crashed state (:mod:`flows.local_run`)."""
     check_prefect_api()
     # The flow takes JSON parameters: the config travels as its values (all of them, so nothing depends on a
     # file), with output_dir absolute so the run's records name the real place.
     values = config.model_dump(mode="json") | {"output_dir": str(config.output_path)}
-    # The temporary API's first start migrates a fresh SQLite database: on a busy 2-core machine that takes
-    # longer than Prefect's default 20 s wait, and the run would die before its first task.
-    startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_TIMEOUT_S)
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
+    with signals_end_the_run("dpo-pipeline run"), output_dir_lock(config), run_api(config.output_path):
         paths = dpo_pipeline(config_path=None, overrides=values)
     print(format_report(config, paths))
     return paths

@@ -6,15 +6,17 @@
   ``Cached`` state and no job at all; a changed ``beta`` changes only the training fingerprint.
 * **Cache records live beside the artifacts** (``<output_dir>/prefect-cache``), so two output directories
   never answer for each other, and deleting an output directory deletes its records too.
-* **Prefect's cache is a shortcut, never the truth.** A task whose artifact has no manifest on disk refreshes
-  its record (runs, then overwrites it), so a ``Cached`` state always means the files are there. And every
-  stage itself reuses a complete artifact, and resumes a partial one, without Prefect.
+* **Prefect's cache is a shortcut, never the truth.** A task whose artifact is not intact on disk (no
+  manifest, or a listed file missing or modified) refreshes its record (runs, then overwrites it), so a
+  ``Cached`` state always means the files are there as committed. And every stage itself reuses a complete
+  artifact, rebuilds an unusable one, and resumes a partial one, without Prefect.
 * **Heavy tasks run DeepSpeed jobs** through :func:`pipeline.launch.run_stage` (``num_processes`` ranks under
   the launcher, in their own process group), their output and progress streamed by :class:`flows.jobs.JobOutput`.
 * **Retries** (:data:`JOB_RETRIES`) for the reference pass, training and the window steps: a retried reference
   pass keeps its committed shards and a retried training resumes from its last DeepSpeed checkpoint, because
-  that is what the stages do when rerun. A job that refused its input (bad config, data or artifact) is not
-  retried: the same input would be refused again.
+  that is what the stages do when rerun. A job that refused its input (bad config, data or artifact) or hit a
+  storage fault (no space, a read-only output_dir, a file in the way) is not retried: the same input would be
+  refused again, the same write fail again, until the user acts.
 * **TR-DPO**: :class:`WindowTasks` is the executor of :func:`pipeline.sync.run_tr_dpo`, so the driver's loop
   (which steps, in which order, what to skip) stays in one place and each step it runs is a task here.
 
@@ -25,6 +27,7 @@ on each other, so there is nothing to run in parallel.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -36,21 +39,24 @@ from prefect.context import TaskRunContext
 
 from flows.jobs import JobOutput
 from pipeline import launch
-from pipeline.artifacts import MANIFEST, artifact_dir
+from pipeline.artifacts import MANIFEST, artifact_dir, read_manifest, storage_error
 from pipeline.config import DPOPipelineConfig
 from pipeline.data import KIND as TOKENIZED_KIND
 from pipeline.data import tokenize_stage, tokenized_fingerprint
-from pipeline.errors import PipelineError
+from pipeline.errors import ArtifactError, PipelineError
 from pipeline.sync import Step
 
 CACHE_DIR = "prefect-cache"
 JOB_RETRIES = 2
 JOB_RETRY_DELAY_S = 10
 def _worth_retrying(task, task_run, state) -> bool:
-    """Retry crashes and kills (the stage resumes); not input the stage refused, which would be refused again."""
+    """Retry crashes and kills (the stage resumes); not input the stage refused, nor a storage fault (a full or
+    read-only disk, a file in the way), which would be refused again until the user acts."""
     error = state.result(raise_on_failure=False)
     if isinstance(error, launch.JobFailed):
         return not error.refused_input
+    if isinstance(error, OSError):
+        return storage_error(error) is None
     return not isinstance(error, PipelineError)
 
 
@@ -63,11 +69,22 @@ def _stage_task(name: str, *, retries: int = 0) -> Callable:
                 retry_delay_seconds=JOB_RETRY_DELAY_S, retry_condition_fn=_worth_retrying)
 
 
+def _intact(artifact: Path) -> bool:
+    """The artifact is committed and every file its manifest lists is there with its recorded hash: a cache
+    record may answer for it. (A missing or modified file makes the task run: the stage rebuilds what is bad.)"""
+    try:
+        manifest = json.loads((artifact / MANIFEST).read_text())
+        read_manifest(artifact, kind=manifest["kind"])
+    except (OSError, ValueError, KeyError, ArtifactError):
+        return False
+    return True
+
+
 def run_cached(stage_task, config: DPOPipelineConfig, artifact: Path, **kwargs: Any) -> str:
     """Run ``stage_task(config, artifact, **kwargs)`` with its cache records under the output dir, refreshed
     when ``artifact`` is not committed on disk."""
     configured = stage_task.with_options(result_storage=config.output_path / CACHE_DIR,
-                                         refresh_cache=not (artifact / MANIFEST).is_file())
+                                         refresh_cache=not _intact(artifact))
     return configured(config, str(artifact), **kwargs)
 
 

@@ -10,14 +10,25 @@ Contract, shared by every stage:
 * A reader calls :func:`read_manifest` with the fingerprint it expects. It refuses (``ArtifactError``) a
   missing manifest, another kind or schema, another fingerprint, or a data file whose content hash differs
   from the manifest. So a stale cache is never reused silently, and an edited Parquet is never trusted.
+* Identity, not only integrity: the reader also recomputes the fingerprint from the manifest's own ``kind``,
+  ``schema_version`` and ``inputs``. A manifest whose recorded fingerprint was edited (to make a foreign or
+  stale artifact pass for the expected one) no longer matches what it claims to be made from, and is refused.
+  What this does not catch is a forger who edits the inputs and the fingerprint consistently: the fingerprint
+  is a content address, not a signature (no key), so it guards against accidents and hand edits, not attacks.
+* Storage faults a user must fix (no space, a read-only file system, a path component that is a file,
+  permission denied) raise one-line :class:`StorageError` s naming the path and what to do, from every write
+  here (:func:`storage_errors`); any other ``OSError`` keeps its traceback, as a bug or an unexpected fault
+  should. They are refused, never retried: the same write would fail again until the user acts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, StorageError
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20  # 8 MiB reads keep hashing of multi-GB weight files streaming and fast
@@ -66,22 +77,55 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 _WEIGHTS_HASHES: dict[tuple, str] = {}
+# Where digests of model weights are remembered across processes (one small JSON per model directory).
+WEIGHT_DIGESTS_DIR = Path(os.environ.get("DPO_PIPELINE_DIGEST_CACHE",
+                                         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                         / "dpo-pipeline" / "weight-digests"))
+REHASH_WEIGHTS = "DPO_PIPELINE_REHASH_WEIGHTS"  # set to 1: hash the weights again, ignore remembered digests
+
+
+def loaded_weight_files(model_dir: Path) -> list[str]:
+    """The weight files ``from_pretrained`` reads: the safetensors when there are any (a Hub snapshot often
+    holds the same weights as ``.bin`` too, which would double the hashing), else the pickled formats."""
+    files = sorted(p.name for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    safetensors = [name for name in files if name.endswith(".safetensors")]
+    return safetensors or files
 
 
 def model_weights_hash(model_dir: str | Path) -> str:
-    """Content hash of a local model directory's weights and ``config.json`` (streamed).
+    """Content hash of a local model directory's loaded weight files and ``config.json`` (streamed).
 
-    Remembered per process by each file's (name, size, mtime): stages ask for it several times (their own
-    fingerprint, their inputs' fingerprints), and a 7B model takes tens of seconds to hash."""
+    A 7B model takes tens of seconds to hash and every stage asks for it (its own fingerprint, its inputs'), on
+    every rank of every job. So the digest is computed once and remembered, in this process and on disk
+    (:data:`WEIGHT_DIGESTS_DIR`), keyed by each file's (name, size, mtime): a rewritten file changes its mtime
+    and is hashed again. Set ``DPO_PIPELINE_REHASH_WEIGHTS=1`` to hash from scratch whatever is remembered."""
     model_dir = Path(model_dir).resolve()
-    names = sorted(p.name for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_METADATA)
-    if not any(Path(n).suffix in WEIGHT_SUFFIXES for n in names):
+    weights = loaded_weight_files(model_dir)
+    if not weights:
         raise ArtifactError(f"no weight files (*.safetensors / *.bin) in model directory {model_dir}")
-    stats = tuple((n, (model_dir / n).stat().st_size, (model_dir / n).stat().st_mtime_ns) for n in names)
-    key = (str(model_dir), stats)
-    if key not in _WEIGHTS_HASHES:
-        _WEIGHTS_HASHES[key] = hash_files(model_dir, names)
-    return _WEIGHTS_HASHES[key]
+    names = sorted([*weights, *(n for n in MODEL_METADATA if (model_dir / n).is_file())])
+    stats = [[n, (model_dir / n).stat().st_size, (model_dir / n).stat().st_mtime_ns] for n in names]
+    key = (str(model_dir), canonical_json(stats))
+    rehash = os.environ.get(REHASH_WEIGHTS) == "1"
+    if key in _WEIGHTS_HASHES and not rehash:
+        return _WEIGHTS_HASHES[key]
+    record = WEIGHT_DIGESTS_DIR / f"{fingerprint(str(model_dir))[:24]}.json"
+    remembered = None if rehash else _read_digest_record(record)
+    if remembered and remembered.get("files") == stats:
+        digest = remembered["digest"]
+    else:
+        digest = hash_files(model_dir, names)
+        with contextlib.suppress(OSError):  # a read-only home only costs the next process a re-hash
+            atomic_write_json(record, {"model_dir": str(model_dir), "files": stats, "digest": digest})
+    _WEIGHTS_HASHES[key] = digest
+    return digest
+
+
+def _read_digest_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def tokenizer_hash(model_dir: str | Path) -> str:
@@ -93,24 +137,90 @@ def tokenizer_hash(model_dir: str | Path) -> str:
     return hash_files(model_dir, names)
 
 
+# ---------------------------------------------------------------------------------------------- storage faults
+# os.path.exists, not Path.exists: it is False for a path we may not even look at, where Path.exists raises.
+def _existing_ancestor(path: Path) -> Path:
+    """The deepest of ``path`` and its ancestors that this process can see."""
+    return next(p for p in (path, *path.parents) if os.path.exists(p))
+
+
+def _mount_point(path: Path) -> Path:
+    mount = _existing_ancestor(path.absolute())
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    return mount
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is not a directory (so nothing can be created below)."""
+    nearest = next((p for p in path.parents if os.path.exists(p)), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / (1 << 30):.1f} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.1f} MiB"
+
+
+def storage_error(exc: OSError, path: str | Path | None = None) -> StorageError | None:
+    """The one-line :class:`StorageError` for a write of ``path`` (default: the file ``exc`` names) that failed
+    with ``exc``, or None when ``exc`` is not a fault the user fixes, or names no path (the caller then re-raises
+    it as it is).
+
+    ``path`` is what was being written (the destination, not a temporary name): the message leads with it.
+    Each case says what to do; the mount point, the file in the way or the unwritable directory is found from
+    the path, because the exception names only the call that failed (pyarrow's names nothing)."""
+    if path is None and not isinstance(exc.filename, (str, bytes, os.PathLike)):
+        return None
+    path = Path(path if path is not None else os.fsdecode(exc.filename))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        mount = _mount_point(path)
+        return StorageError(f"cannot write {path}: no space left on {mount} ({_size(shutil.disk_usage(mount).free)} "
+                            f"free); free space there or choose another output_dir, then rerun (committed artifacts "
+                            f"are kept and reused)")
+    if exc.errno == errno.EROFS:
+        return StorageError(f"cannot write {path}: {_mount_point(path)} is a read-only file system; choose "
+                            f"another output_dir")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := _file_in_the_way(path)) is not None:
+        return StorageError(f"cannot write {path}: {blocker} is a file, not a directory; move it away or choose "
+                            f"another output_dir")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StorageError(f"cannot write {path}: permission denied in {_existing_ancestor(path)}; make it "
+                            f"writable for this user or choose another output_dir")
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | Path) -> Iterator[None]:
+    """Turn the storage faults of writing ``path`` inside the block into one-line :class:`StorageError` s."""
+    try:
+        yield
+    except OSError as exc:
+        error = storage_error(exc, path)
+        if error is None:
+            raise
+        raise error from None
+
+
 # ---------------------------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
-    On an exception the temporary file is removed and ``path`` is untouched (old content or absent)."""
+    On an exception the temporary file is removed and ``path`` is untouched (old content or absent). A storage
+    fault, in this function or in the caller's writing of the temporary file, is a :class:`StorageError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -152,7 +262,7 @@ def write_manifest(directory: str | Path, *, kind: str, schema_version: int, inp
     manifest = {
         "kind": kind,
         "schema_version": schema_version,
-        "fingerprint": fingerprint({"kind": kind, "schema_version": schema_version, "inputs": inputs}),
+        "fingerprint": expected_fingerprint(kind, schema_version, inputs),
         "inputs": inputs,
         "files": {file: hash_file(directory / file) for file in sorted(files)},
         "counts": counts or {},
@@ -184,6 +294,12 @@ def read_manifest(directory: str | Path, *, kind: str, schema_version: int | Non
     if schema_version is not None and manifest.get("schema_version") != schema_version:
         raise ArtifactError(f"{path} has schema version {manifest.get('schema_version')}, this code reads "
                             f"{schema_version}; rebuild the artifact")
+    # Identity before the expected fingerprint: an edited fingerprint that now equals the expected one must be
+    # refused as edited, not accepted.
+    if manifest.get("fingerprint") != expected_fingerprint(kind, manifest.get("schema_version"),
+                                                           manifest.get("inputs")):
+        raise ArtifactError(f"{kind} artifact at {directory}: the fingerprint in {name} does not match the inputs "
+                            f"it records (edited or corrupt manifest); rerun the {kind} stage")
     if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
         raise ArtifactError(f"{kind} artifact at {directory} was made from other inputs (fingerprint "
                             f"{str(manifest.get('fingerprint'))[:12]}, expected {fingerprint[:12]}); "

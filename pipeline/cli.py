@@ -4,7 +4,8 @@ Stages: ``tokenize``, ``reference``, ``train``, ``run`` (all three, as a Prefect
 ``build-tiny-model``. With ``num_processes`` > 1 (or ``num_nodes`` > 1, or ``launcher: slurm``), ``reference``
 and ``train`` relaunch themselves under their launcher; under a launcher (torchrun, deepspeed, srun, mpirun,
 whoever started it) each rank runs the stage in-process, TR-DPO's windows included. User
-errors (config, data, artifacts) print one line and exit 2; there is no traceback for input you can fix.
+errors (config, data, artifacts) and storage faults (no space, read-only, a file in the way, permission denied)
+print one line and exit 2; there is no traceback for input you can fix.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-pipeline", description="Offline DPO pipeline.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="stages:\n" + "\n".join(f"  {k:18s}{v}" for k, v in STAGES.items()))
+    # The deepspeed launcher puts --local_rank=N before the stage (LOCAL_RANK is set in the environment too).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
@@ -43,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("reference", "train"):
             # Internal: the TR-DPO driver runs one window per job (reference pass of window K, or its steps).
             stage.add_argument("--window", type=int, default=None, help=argparse.SUPPRESS)
-            # The deepspeed launcher appends --local_rank=N to every rank's arguments (LOCAL_RANK is set too).
-            stage.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -85,11 +86,9 @@ def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
         from pipeline.sync import InJobExecutor, run_tr_dpo
 
         print(run_tr_dpo(config, InJobExecutor(config)))
-    elif args.stage == "train" and config.sync_ref_model:
-        from pipeline.sync import run_tr_dpo
-
-        print(run_tr_dpo(config))
-    elif not under_launcher() and (config.num_processes > 1 or config.num_nodes > 1 or config.launcher == "slurm"):
+    elif not under_launcher() and (config.num_processes > 1 or config.num_nodes > 1 or config.launcher == "slurm"
+                                   or (args.stage == "train" and config.sync_ref_model)):
+        # TR-DPO is one job for all its windows, even on one process: no launcher and model load per window.
         from pipeline.launch import run_stage
 
         run_stage(args.stage, config, on_line=print)
@@ -109,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         run_command(args)
-    except PipelineError as exc:
-        print(f"dpo-pipeline {args.stage}: error: {exc}", file=sys.stderr)
+    except (PipelineError, OSError) as exc:
+        from pipeline.artifacts import storage_error
+
+        # A storage fault from any file operation (not only the wrapped writes) is the user's to fix, too.
+        error = exc if isinstance(exc, PipelineError) else storage_error(exc)
+        if error is None:
+            raise  # any other OSError is a bug or an unexpected fault: it keeps its traceback
+        print(f"dpo-pipeline {args.stage}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

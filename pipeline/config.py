@@ -89,9 +89,36 @@ class DPOPipelineConfig(BaseModel):
     save_total_limit: int | None = 2
     gradient_checkpointing: bool = False
 
+    ddp_timeout: int = 1800  # seconds a collective may wait (TrainingArguments'; DeepSpeed's own default is 600)
+
+    # --- model loading (TRL ModelConfig names) ---
+    # null: transformers' default (SDPA), with the cuDNN SDPA backend switched off on CUDA (NaN gradients with a
+    # padding mask on torch 2.13, huggingface/trl#7181); "eager", "sdpa", "flash_attention_2", ... as given.
+    attn_implementation: str | None = None
+
     # --- pipeline-only ---
-    num_processes: int = 1  # processes per DeepSpeed job (CPU: gloo; GPU: one per device)
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    # Where the model runs. auto: CUDA when present, else CPU; cuda: refuse to start without a GPU (a GPU job
+    # must never fall back to CPU silently); cpu: never touch a GPU.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    num_processes: int = 1  # processes per node of a DeepSpeed job (CPU: gloo; GPU: one per device)
+    # How `reference` / `train` start their ranks when num_processes > 1 or num_nodes > 1 (outside a launcher).
+    # torchrun and deepspeed run here (one node, or this machine as node `node_rank` of `num_nodes`);
+    # slurm submits the job with srun (see the slurm_* fields), from a login node or inside an allocation.
+    launcher: Literal["torchrun", "deepspeed", "slurm"] = "torchrun"
+    num_nodes: int = 1         # torchrun: nodes of the job; start the same command on each with its node_rank
+    node_rank: int = 0         # torchrun: this machine's index among num_nodes
+    rdzv_endpoint: str | None = None  # torchrun: host:port of node 0 (required with num_nodes > 1)
+    hostfile: str | None = None       # deepspeed launcher: its hostfile (multi-node over pdsh/ssh)
+    slurm_partition: str | None = None  # launcher slurm: srun --partition
+    slurm_time: str | None = None       # launcher slurm: srun --time, e.g. "04:00:00"
+    slurm_gpus_per_node: int | None = None  # launcher slurm: srun --gpus-per-node (null: CPU job)
+    slurm_extra_args: list[str] = []    # launcher slurm: more srun arguments, e.g. ["--account=llm"]
+    # The reference pass: ZeRO stage 0 (every rank holds the model, no gathers) when the model fits one device
+    # with room to spare, ZeRO-3 (sharded, gathered per layer) when it does not; or force one.
+    reference_zero_stage: Literal["auto", 0, 3] = "auto"
+    # One run per output_dir (pipeline/lock.py). Another run holds it: wait (one line naming it, then block until
+    # it ends) or fail at once with that line. Ranks under a launcher always wait.
+    output_dir_lock: Literal["wait", "fail"] = "wait"
 
     # ------------------------------------------------------------------ validation
     @field_validator("beta")
@@ -124,7 +151,7 @@ class DPOPipelineConfig(BaseModel):
 
     @field_validator(
         "ref_model_sync_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-        "gradient_accumulation_steps", "num_processes", "logging_steps",
+        "gradient_accumulation_steps", "num_processes", "logging_steps", "num_nodes", "ddp_timeout",
     )
     @classmethod
     def _positive_int(cls, v: int) -> int:
@@ -163,6 +190,10 @@ class DPOPipelineConfig(BaseModel):
                     raise ValueError(f"{name} ({value}) must be < max_length ({self.max_length})")
         if self.sync_ref_model and self.reference_free:
             raise ValueError("sync_ref_model: TR-DPO updates a reference model, so it cannot be reference_free")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ValueError(f"node_rank: must be in [0, num_nodes={self.num_nodes}), got {self.node_rank}")
+        if self.num_nodes > 1 and self.launcher == "torchrun" and not self.rdzv_endpoint:
+            raise ValueError("rdzv_endpoint: num_nodes > 1 with launcher torchrun needs node 0's host:port")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("num_train_epochs: set num_train_epochs > 0 or max_steps > 0")
         # Loss-specific checks (names, weights, ranges) live beside the losses: one home per concept.

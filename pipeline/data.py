@@ -593,9 +593,10 @@ def tokenize_stage(config: DPOPipelineConfig) -> Path:
     return out
 
 
-def tokenized_manifest(artifact_dir: Path) -> dict:
-    """The verified manifest of a tokenized artifact (kind, schema and file hashes checked)."""
-    return read_manifest(artifact_dir, kind=KIND, schema_version=SCHEMA_VERSION)
+def tokenized_manifest(artifact_dir: Path, fingerprint: str | None = None) -> dict:
+    """The verified manifest of a tokenized artifact (kind, schema and file hashes checked; with ``fingerprint``,
+    its identity too: a foreign artifact with a manifest of its own is refused)."""
+    return read_manifest(artifact_dir, kind=KIND, schema_version=SCHEMA_VERSION, fingerprint=fingerprint)
 
 
 def load_tokenized(artifact_dir: Path, split: str) -> pa.Table:

@@ -1,7 +1,8 @@
 """User-facing errors.
 
-Everything the pipeline refuses (a bad config, a malformed dataset row, a stale or corrupt artifact) raises a
-subclass of :class:`PipelineError`. The CLI prints such errors as one line and exits non-zero, so that no
+Everything the pipeline refuses (a bad config, a malformed dataset row, a stale or corrupt artifact) and every
+storage fault a user must fix (a full disk, a read-only or unwritable output directory) raises a subclass of
+:class:`PipelineError`. The CLI prints such errors as one line and exits non-zero, so that no
 traceback reaches the user for input they can fix; any other exception is a bug and keeps its traceback.
 """
 
@@ -20,3 +21,16 @@ class DataError(PipelineError):
 
 class ArtifactError(PipelineError):
     """An artifact is missing, incomplete, corrupt or was made from other inputs than expected."""
+
+
+class StorageError(PipelineError):
+    """Writing failed for a reason only the user can fix (no space, read-only file system, a path component that
+    is a file, permission denied); the message names the path, what happened and what to do."""
+
+
+class LockError(PipelineError):
+    """Another run holds the output directory (``output_dir_lock: fail``); the message names the holder."""
+
+
+class TrainingDiverged(PipelineError):
+    """The loss or gradient norm became non-finite; the message names the step and the checkpoint to resume."""

@@ -103,7 +103,9 @@ def stage_command(stage: str, config_path: Path, config: DPOPipelineConfig, *, e
 
         return slurm.srun_command(config, ["-m", *target], job_name or f"dpo-{stage}")
     if config.launcher == "deepspeed":
-        command = ["deepspeed"]
+        # The launcher script of this interpreter's environment: a venv's bin/ need not be on PATH.
+        beside = Path(sys.executable).parent / "deepspeed"
+        command = [str(beside) if beside.is_file() else "deepspeed"]
         if config.hostfile:
             command += ["--hostfile", str(config.resolve_path(config.hostfile)), "--num_gpus", nproc]
         elif os.environ.get("CUDA_VISIBLE_DEVICES") and on_gpu():
@@ -130,21 +132,44 @@ def job_environment() -> dict[str, str]:
         env.pop(key, None)
     if not on_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    # The driver resolved the model and the dataset before launching (job_config): the ranks read the local
+    # copies and caches, and never ask the Hub (compute nodes are often offline; N ranks x M lookups otherwise).
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
 
 
-def check_devices(config: DPOPipelineConfig) -> None:
+def check_launch(config: DPOPipelineConfig) -> None:
     """Before launching: the ranks per node fit the GPUs this node has (a job on a node of its own, under
-    Slurm, is checked by its ranks)."""
+    Slurm, is checked by its ranks), and every host of a hostfile resolves (a typo would otherwise surface as
+    pdsh's or ssh's failure on one node, after the others started)."""
     use_device(config.device)
+    if config.launcher == "deepspeed" and config.hostfile:
+        _check_hostfile(config.resolve_path(config.hostfile))
     if on_gpu() and config.launcher != "slurm" and config.num_processes > gpu_count():
         raise ConfigError(f"num_processes: {config.num_processes} ranks per node, but {socket.gethostname()} has "
                           f"{gpu_count()} visible GPU(s); set num_processes to at most that")
 
 
+def _check_hostfile(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"hostfile: {path} not found")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        host = line.split("#")[0].split()
+        if not host:
+            continue
+        try:
+            socket.getaddrinfo(host[0], None)
+        except OSError:
+            raise ConfigError(f"hostfile {path}, line {number}: host '{host[0]}' does not resolve; fix the name "
+                              f"or remove the line") from None
+
+
 def job_config(config: DPOPipelineConfig) -> DPOPipelineConfig:
     """The config a job runs: names resolved to local paths once, here, so that no rank of any job asks the Hub
     again (compute nodes are often offline) and every rank reads the very same files."""
+    from pipeline.data import resolve_sources
+
+    resolve_sources(config)  # a Hub dataset lands in the datasets cache here, once
     return config.model_copy(update={"model_name_or_path": str(config.model_dir())})
 
 
@@ -191,7 +216,7 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
 def run_stage(stage: str, config: DPOPipelineConfig, *, extra_args: tuple[str, ...] = (),
               on_line: Callable[[str], None] | None = None, timeout: float | None = None) -> None:
     """Run ``dpo-pipeline <stage>`` for ``config`` as a launcher job with ``config.num_processes`` ranks per node."""
-    check_devices(config)
+    check_launch(config)
     config = job_config(config)
     text = config.to_json()
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text, storage_errors
 from pipeline.errors import ArtifactError
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,7 +57,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
+        with storage_errors(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
 

@@ -65,8 +65,10 @@ from pipeline import data
 from pipeline.artifacts import (
     MANIFEST,
     artifact_dir,
+    atomic_write_text,
     expected_fingerprint,
     fingerprint,
+    hash_file,
     is_complete,
     model_weights_hash,
     read_manifest,
@@ -198,8 +200,12 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, m
     init_distributed(config)
     check_ranks_agree(config, what={"reference": fp})
     if main_decides(lambda: is_complete(out_dir, kind=KIND, fingerprint=fp)):
-        log.info("reference artifact %s is complete (same inputs): no model work", out_dir)
-        return out_dir
+        problem = main_decides(lambda: _usable(out_dir, splits))
+        if problem is None:
+            log.info("reference artifact %s is complete (same inputs): no model work", out_dir)
+            return out_dir
+        # Never stuck: a committed artifact that readers refuse is rebuilt (its intact shards are kept).
+        log.warning("reference artifact %s is complete but unusable (%s): rebuilding it", out_dir, problem)
 
     tables = {split: _select(tokenized_dir, split, (example_ids or {}).get(split)) for split in splits}
     _check_vocabulary(tokenized_dir, tables, _model_vocab_size(model_dir))
@@ -315,17 +321,24 @@ class _Shard:
         return f"{fp}:{self.split}:{self.index}".encode()
 
 
+def _digest_path(out_dir: Path, shard: _Shard) -> Path:
+    return out_dir / f"{shard.name}.sha256"
+
+
 def _committed_shards(out_dir: Path, plan: Sequence[_Shard], fp: str) -> set[str]:
     """Shards of ``plan`` already in ``out_dir`` from an interrupted run of the same fingerprint.
 
-    A shard file appears only by atomic rename, so it is whole; it is kept when its metadata names this
-    artifact and shard, its ids are exactly the planned ones and its values are finite."""
+    A shard is kept only when its content still has the sha256 recorded when it was committed (the digest
+    file is written after the shard is durable): a byte flipped since, even one that leaves the file readable
+    with the right ids and finite values, makes it be recomputed. Its metadata must also name this artifact
+    and shard, and its ids be exactly the planned ones."""
     kept = set()
     for shard in plan:
         path = out_dir / shard.name
-        if not path.is_file():
-            continue
         try:
+            digest = _digest_path(out_dir, shard).read_text().strip()
+            if not path.is_file() or hash_file(path) != digest:
+                continue
             table = pq.read_table(path)
         except (OSError, pa.ArrowException):
             continue
@@ -338,17 +351,30 @@ def _committed_shards(out_dir: Path, plan: Sequence[_Shard], fp: str) -> set[str
 
 
 def _write_shard(out_dir: Path, shard: _Shard, fp: str, results: Sequence[dict[str, np.ndarray]]) -> None:
-    """Rank 0: merge the ranks' results into example_id order, check coverage, write atomically."""
+    """Rank 0: merge the ranks' results into example_id order, check coverage, write atomically, then record
+    the shard's digest (what a resumed pass checks before keeping it)."""
     merged = {name: np.concatenate([r[name] for r in results]) for name in SCHEMA.names}
     order = np.argsort(merged["example_id"], kind="stable")
     merged = {name: values[order] for name, values in merged.items()}
     if not np.array_equal(merged["example_id"], shard.example_ids):
         raise RuntimeError(f"reference shard {shard.name}: gathered ids do not match the plan")  # a bug, not input
     table = pa.table(merged, schema=SCHEMA.with_metadata({_META_KEY: shard.metadata(fp)}))
+    _digest_path(out_dir, shard).unlink(missing_ok=True)  # a digest must never vouch for the file being replaced
     try:
         write_parquet(table, out_dir / shard.name)
     except OSError as exc:
         raise ArtifactError(f"writing reference shard {out_dir / shard.name} failed: {exc}") from exc
+    atomic_write_text(_digest_path(out_dir, shard), hash_file(out_dir / shard.name) + "\n")
+
+
+def _usable(out_dir: Path, splits: Sequence[str]) -> str | None:
+    """Why a complete-looking artifact cannot be used (a NaN, a missing or modified file), or None."""
+    try:
+        for split in splits:
+            load_reference_logps(out_dir, split=split)
+    except ArtifactError as exc:
+        return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- model work

@@ -102,8 +102,14 @@ def ensure_model(path: Path, name: str | None = None) -> Path:
         raise ConfigError(f"model_name_or_path: model directory not found: {path}")
     from huggingface_hub import snapshot_download
 
+    # Only what from_pretrained loads: a snapshot often holds the same weights as .bin and .safetensors (and
+    # sometimes GGUF or ONNX copies), which would double the download and every later hash.
+    metadata = ["*.json", "*.txt", "*.model", "*.jinja", "*.py"]
     try:
-        return Path(snapshot_download(name))
+        local = Path(snapshot_download(name, allow_patterns=[*metadata, "*.safetensors"]))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(name, allow_patterns=[*metadata, "*.bin"]))
+        return local
     except Exception as exc:  # network, auth or missing repo: all mean "this model cannot be had here"
         raise ConfigError(f"model_name_or_path: '{name}' is not a local directory and could not be fetched from "
                           f"the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

@@ -61,13 +61,16 @@ from pipeline.artifacts import (
     atomic_path,
     atomic_write_json,
     expected_fingerprint,
+    hash_file,
     is_complete,
     model_weights_hash,
     read_manifest,
+    storage_errors,
     write_manifest,
 )
 from pipeline.config import DPOPipelineConfig
 from pipeline.distributed import (
+    all_gather_objects,
     barrier,
     check_ranks_agree,
     device,
@@ -191,6 +194,9 @@ def _load_reference(ref_dir: Path, split: str, tokenized_fp: str,
     if initial_weights is not None and manifest["inputs"]["reference_weights"] != initial_weights:
         raise ArtifactError(f"reference artifact at {ref_dir} was scored with other model weights than the "
                             f"policy's initial model; rerun the reference stage")
+    if manifest["fingerprint"][:16] != ref_dir.name and ref_dir.parent.name == reference.KIND:
+        raise ArtifactError(f"reference artifact at {ref_dir} holds another artifact (fingerprint "
+                            f"{manifest['fingerprint'][:16]}, not its directory's name); rerun the reference stage")
     return reference.load_reference_logps(ref_dir, split=split)  # file hashes, duplicates, NaN/inf
 
 
@@ -262,6 +268,33 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     return [g for g in groups if g["params"]]
 
 
+def _newest_intact_checkpoint(root: Path) -> tuple[int, Path] | None:
+    """The newest checkpoint whose every file still has the digest its marker recorded. Collective.
+
+    Rank 0 lists the candidates (ranks resuming from different checkpoints would mix their ZeRO partitions);
+    the ranks hash a share of the files each, and all take the same verdict. A damaged one (a truncated or
+    modified file) is passed over with a warning naming it, for the one before."""
+    candidates = main_decides(lambda: [(step, str(path), _read_marker(path)) for step, path in _checkpoints(root)])
+    for step, path, marker in reversed(candidates):
+        files = sorted((marker or {}).get("files", {}).items())
+        mine = [name for name, digest in files[rank()::world_size()]
+                if not (Path(path) / name).is_file() or hash_file(Path(path) / name) != digest]
+        damaged = [name for names in all_gather_objects(mine) for name in names]
+        if files and not damaged:
+            return step, Path(path)
+        if is_main_process():
+            log.warning("checkpoint %s is damaged (%s); resuming from the one before it", path,
+                        f"{damaged[0]} does not match its recorded digest" if damaged else "no file digests")
+    return None
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads((path / CHECKPOINT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (marker present), oldest first."""
     found = [(int(p.name.removeprefix("step-")), p) for p in root.glob("step-*") if (p / CHECKPOINT_MARKER).is_file()]
@@ -298,7 +331,7 @@ class DPOTrainingRecipe:
         if not (plan.tokenized_dir / MANIFEST).is_file():
             raise ArtifactError(f"no tokenized artifact for this config at {plan.tokenized_dir}: run the tokenize "
                                 f"stage first (dpo-pipeline tokenize --config ...)")
-        tokenized = data.tokenized_manifest(plan.tokenized_dir)
+        tokenized = data.tokenized_manifest(plan.tokenized_dir, fingerprint=plan.tokenized_fingerprint)
         pad = int(tokenized["pad_token_id"])
         # An explicit reference dir (TR-DPO's windows) holds another model's scores: only the data is checked.
         # The default one must hold the scores of the weights the policy starts from.
@@ -319,9 +352,7 @@ class DPOTrainingRecipe:
 
         self.checkpoint_root = self.run_dir / CHECKPOINTS
         self.resume_key = {"world_size": self.world, **plan.inputs}
-        # Rank 0 picks the checkpoint: ranks resuming from different ones would mix their ZeRO partitions.
-        latest = main_decides(lambda: [(step, str(path)) for step, path in _checkpoints(self.checkpoint_root)[-1:]])
-        self.resume_from = (latest[0][0], Path(latest[0][1])) if latest else None
+        self.resume_from = _newest_intact_checkpoint(self.checkpoint_root)
         if self.resume_from:
             self._check_resumable(self.resume_from[1])
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
@@ -488,19 +519,33 @@ class DPOTrainingRecipe:
         return main_decides(lambda: (self.checkpoint_root / f"step-{step}" / CHECKPOINT_MARKER).is_file())
 
     def save_checkpoint(self) -> None:
+        """DeepSpeed's checkpoint plus per-rank RNG, then the marker with every file's digest, written last.
+
+        The digests are of the files as read back from storage, hashed by all ranks in parallel, so the marker
+        vouches for what is on disk; only then are older checkpoints pruned (the last good one survives a
+        failed save). A storage fault is one line (:class:`pipeline.errors.StorageError`)."""
         tag = f"step-{self.step}"
-        # No 'latest' pointer: the newest checkpoint with a marker is the one to resume, whatever DeepSpeed wrote.
-        self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False,
-                                    client_state={"step": self.step, "loss_state": self.loss_state.state_dict()})
+        directory = self.checkpoint_root / tag
+        if is_main_process():
+            (directory / CHECKPOINT_MARKER).unlink(missing_ok=True)  # must not vouch for files being rewritten
+        barrier()
+        # No 'latest' pointer: the newest intact checkpoint is the one to resume, whatever DeepSpeed wrote.
+        with storage_errors(directory):
+            self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False,
+                                        client_state={"step": self.step, "loss_state": self.loss_state.state_dict()})
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        with atomic_path(self.checkpoint_root / tag / f"rng-rank{self.rank}.pt") as tmp:
+        with atomic_path(directory / f"rng-rank{self.rank}.pt") as tmp:
             torch.save(rng, tmp)
         barrier()
+        names = main_decides(lambda: sorted(p.name for p in directory.iterdir()
+                                            if p.is_file() and not p.name.startswith(".tmp-")))
+        digests = {name: hash_file(directory / name) for name in names[self.rank::self.world]}
+        digests = {name: digest for part in all_gather_objects(digests) for name, digest in part.items()}
         if is_main_process():
-            atomic_write_json(self.checkpoint_root / tag / CHECKPOINT_MARKER,
-                              {"step": self.step, "resume_key": self.resume_key})
+            atomic_write_json(directory / CHECKPOINT_MARKER,
+                              {"step": self.step, "resume_key": self.resume_key, "files": digests})
             self._prune_checkpoints()
         barrier()
 

@@ -79,7 +79,7 @@ def test_a_gpu_job_never_falls_back_to_cpu_silently():
 
 
 def test_the_cli_takes_the_deepspeed_launchers_local_rank_argument():
-    args = build_parser().parse_args(["train", "--config", "c.yaml", "--local_rank=3", "beta=0.2"])
+    args = build_parser().parse_args(["--local_rank=3", "train", "--config", "c.yaml", "beta=0.2"])
     assert args.local_rank == 3 and args.overrides == ["beta=0.2"]
 
 
@@ -93,7 +93,7 @@ def test_launcher_commands_for_multi_node_torchrun_and_a_deepspeed_hostfile(make
     hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
     deepspeed = launch.stage_command("train", tmp_path / "c.yaml",
                                      make_config(launcher="deepspeed", hostfile=str(hostfile), num_processes=8))
-    assert deepspeed[:3] == ["deepspeed", "--hostfile", str(hostfile)]
+    assert Path(deepspeed[0]).name == "deepspeed" and deepspeed[1:3] == ["--hostfile", str(hostfile)]
     with pytest.raises(ConfigError, match="rdzv_endpoint"):
         make_config(num_nodes=2)
 
@@ -216,7 +216,7 @@ def test_deepspeed_launcher_with_two_ranks_as_documented(make_config, tmp_path):
     config = _prepare(make_config, output_dir=str(tmp_path / "out"))
     reference_stage(config)
     path = _saved(config, tmp_path, "cfg")
-    done = _cli(["deepspeed", "--num_gpus", "2", "--master_port", str(distributed.free_port()),
+    done = _cli([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(distributed.free_port()),
                  "--module", "pipeline.cli", "train", "--config", str(path)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert read_summary(train_dir_for(config))["world_size"] == 2
@@ -304,3 +304,46 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_checkpoint(make
     assert len(errors) == 1 and "step 3: non-finite loss (nan)" in errors[0]
     assert "checkpoints/step-2 (step 2)" in errors[0] and "Traceback" not in done.stderr
     assert not (train_dir_for(config) / "checkpoints" / "step-3").exists()
+
+
+@pytest.mark.slow
+def test_tr_dpo_on_two_nodes_equals_one_node_of_two_ranks(make_config, tmp_path):
+    """TR-DPO under external launchers: every window inside one job, on two torchrun "nodes" and on one node
+    with two ranks; the same losses, the same reference versions and one reference forward per example."""
+    runs = {}
+    for layout in ("one-node", "two-nodes"):
+        config = _prepare(make_config, output_dir=str(tmp_path / layout), sync_ref_model=True,
+                          ref_model_sync_steps=2, max_steps=4, ref_model_mixup_alpha=0.5)
+        path = _saved(config, tmp_path, layout)
+        if layout == "one-node":
+            done = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         str(distributed.free_port()), "-m", "pipeline.cli", "train", "--config", str(path)])
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        else:
+            _two_nodes("train", path)
+        runs[layout] = train_dir_for(config)
+    one, two = runs["one-node"], runs["two-nodes"]
+    np.testing.assert_allclose(_losses(one), _losses(two), rtol=0, atol=1e-5)
+    summary = read_summary(two)
+    assert summary["world_size"] == 2 and summary["reference_versions"] == 2
+    assert summary["reference_forwards_per_example"] == 1.0
+    from safetensors.torch import load_file
+
+    for name in ("references/v1/model.safetensors", "final_model/model.safetensors"):
+        a, b = load_file(one / name), load_file(two / name)
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a), name
+
+
+def test_a_hostfile_naming_an_unknown_host_is_refused_before_launching(make_config, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\nnode-that-does-not-exist slots=2\n")
+    config = make_config(launcher="deepspeed", hostfile=str(hostfile), num_processes=2)
+    save_config(config, tmp_path / "c.yaml")
+    # In a network namespace of its own (no interfaces): the failed lookup never leaves this process.
+    check = ("import sys; from pipeline.config import load_config; from pipeline.launch import check_launch;"
+             "check_launch(load_config(sys.argv[1]))")
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -n (a private network namespace) is not permitted here")
+    done = subprocess.run(["unshare", "-n", sys.executable, "-c", check, str(tmp_path / "c.yaml")], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert "line 2: host 'node-that-does-not-exist' does not resolve" in done.stderr
