@@ -289,7 +289,8 @@ def print_table(result: dict) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def smoke(work: Path, args: argparse.Namespace, result: dict) -> None:
     """Build, run every stage, check and measure; fills ``result`` as it goes (so a failure keeps what ran)."""
-    from pipeline import reference, sync, train
+    from pipeline import reference, train
+    from pipeline.tr_dpo import window_dir
     from pipeline.config import load_config
     from pipeline.metrics import SUMMARY_FILE
 
@@ -313,9 +314,9 @@ def smoke(work: Path, args: argparse.Namespace, result: dict) -> None:
     plain, tr_dpo = load_config(plain_yaml), load_config(tr_dpo_yaml)
     ref_manifest = check_reference(reference.reference_dir_for(plain), problems)
     check_reference(reference.reference_dir_for(tr_dpo), problems)  # TR-DPO's eval split, against version 0
-    windows = [check_reference(sync.window_reference_dir(tr_dpo, k), problems) for k in range(2)]
-    plain_steps = check_training(train.train_dir_for(plain), args.steps, problems)
     tr_dpo_dir = train.train_dir_for(tr_dpo)
+    windows = [check_reference(window_dir(tr_dpo_dir, k), problems) for k in range(2)]
+    plain_steps = check_training(train.train_dir_for(plain), args.steps, problems)
     tr_dpo_steps = check_training(tr_dpo_dir, args.steps, problems)
     summary = json.loads((tr_dpo_dir / SUMMARY_FILE).read_text())
     result["tr_dpo"] = {key: summary.get(key) for key in ("reference_versions", "reference_forwards_per_example")}

@@ -9,9 +9,10 @@
   process started (:func:`pipeline.launch.kill_all_jobs`) and every other process group whose leader carries
   the flow run's id in its environment. The second part matters for deployments: there the runner (worker or
   ``serve``) runs ``on_cancellation`` hooks in its own process, while the jobs belong to the flow-run
-  subprocess it started (which sets ``PREFECT__FLOW_RUN_ID``, inherited by every job). Slurm jobs may run on other
-  hosts, out of reach of signals: the hook scancels this user's jobs whose name carries the flow run's id
-  (:func:`pipeline.slurm.cancel_containing`; ``run_stage`` names them so).
+  subprocess it started. Every job inherits ``PREFECT__FLOW_RUN_ID``: a worker's flow-run process has it, and
+  :class:`JobOutput` sets it before each job, because ``flow.serve`` (a spawned process) and an in-process run
+  do not. Slurm jobs may run on other hosts, out of reach of signals: the hook scancels this user's jobs whose
+  name carries the flow run's id (:func:`pipeline.slurm.cancel_containing`; ``run_stage`` names them so).
 
 How a cancelled run leaves no process, in order: the runner SIGTERMs the flow-run process; Prefect turns that
 into an exception in the main thread, where the task is blocked reading the job's output; ``run_job``'s
@@ -32,8 +33,9 @@ import signal
 
 import psutil
 from prefect import get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.logging.loggers import flow_run_logger
+from prefect.runtime import flow_run as current_flow_run
 
 from pipeline import slurm
 from pipeline.launch import kill_all_jobs
@@ -41,6 +43,12 @@ from pipeline.launch import kill_all_jobs
 PROGRESS_STEP = 5.0  # percent between two updates of a progress artifact
 # tqdm's default bar: "<desc>: <percent>%|<bar>| <n>/<total> [...]"
 _TQDM = re.compile(r"^\s*(?P<desc>[\w .-]*?):\s+(?P<percent>\d{1,3})%\|")
+
+
+# pipeline.tr_dpo's line at each window start, and the loss in the training bar's postfix.
+_WINDOW = re.compile(r"TR-DPO window (?P<k>\d+)/(?P<n>\d+) \(steps (?P<steps>[\d-]+)\): reference version "
+                     r"(?P<version>\d+)")
+_LOSS = re.compile(r"loss=(?P<loss>[-\d.naif]+)")
 
 
 def parse_progress(line: str) -> tuple[str, float] | None:
@@ -56,21 +64,42 @@ class JobOutput:
     def __init__(self, bar: str, key: str, description: str):
         self.bar = bar
         self.logger = get_run_logger()
+        # Tags the job about to start (see the module's note); set per job, since one process may run many flows.
+        os.environ["PREFECT__FLOW_RUN_ID"] = current_flow_run.get_id()
         self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
         self.shown: float | None = None  # the percentage last shown; None until the bar first appears
+        self.windows: list[dict[str, str]] = []  # TR-DPO windows started so far, with the loss each ended at
+        self.key = key
 
     def __call__(self, line: str) -> None:
         if not line.strip():
             return  # tqdm's carriage returns leave empty lines
+        if window := _WINDOW.search(line):
+            self._window_started(window)
         progress = parse_progress(line)
         if progress is None or progress[0] != self.bar:
             self.logger.info(line)
             return
+        if self.windows and (loss := _LOSS.search(line)):
+            self.windows[-1]["loss"] = loss["loss"]
         percent = progress[1]
         if self.shown is None or percent >= self.shown + PROGRESS_STEP or (percent == 100.0 > self.shown):
             self.shown = percent
             update_progress_artifact(self.artifact_id, progress=percent)
             self.logger.info(line)
+
+    def _window_started(self, window: re.Match) -> None:
+        """A TR-DPO window began (its reference version mixed and its examples scored): a markdown artifact
+        of the windows done, the current one and the training loss, while the job runs."""
+        self.windows.append({"window": window["k"], "of": window["n"], "steps": window["steps"],
+                             "version": window["version"], "loss": ""})
+        rows = [f"| {w['window']}/{w['of']} | {w['steps']} | v{w['version']} | {w['loss']} |" for w in self.windows]
+        current = self.windows[-1]
+        create_markdown_artifact(
+            key=f"{self.key.removesuffix('-progress')}-tr-dpo-windows",
+            description=f"TR-DPO: window {current['window']} of {current['of']} running",
+            markdown="\n".join([f"## TR-DPO windows ({len(self.windows) - 1} reference syncs so far)", "",
+                                 "| window | steps | reference | loss at its end |", "|---|---|---|---|", *rows]))
 
     def finish(self) -> None:
         """After a successful job. One that showed no bar found its artifact complete: it is 100 % done. (One

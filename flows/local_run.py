@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,6 +69,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 from prefect.states import Crashed
 
+from pipeline.artifacts import storage_errors
 from pipeline.distributed import free_port
 from pipeline.errors import PipelineError
 from pipeline.launch import _die_with_parent
@@ -77,7 +79,8 @@ SERVER_DIR = "prefect"
 # default 20 s wait for its own temporary server.
 STARTUP_TIMEOUT_S = 180
 _UNFINISHED = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
-_ORPHAN_MESSAGE = "the process running it was killed before it could report; marked Crashed by the next run"
+_ORPHAN_CAUSE = "the process running it was killed before it could report"
+_ORPHAN_MESSAGE = f"{_ORPHAN_CAUSE}; marked Crashed by the next run"
 
 
 def server_dir(output_dir: Path) -> Path:
@@ -99,8 +102,9 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            last = (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
             raise PipelineError(f"the temporary Prefect API exited with code {proc.returncode} while starting "
-                                f"(its log: {log})")
+                                f"(its log {log} ends: {last})")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -138,16 +142,22 @@ def temporary_api(output_dir: Path) -> Iterator[str]:
     """A Prefect API server owned by this process, its database under ``output_dir``; yields its URL, with this
     process's Prefect pointed at it. Call it only under the output directory's lock."""
     home = server_dir(output_dir)
-    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = home / "server.log"
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
                "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
-    with open(log, "a") as handle:
-        proc = subprocess.Popen(command, env=_server_environment(home), stdin=subprocess.DEVNULL, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+    # The command line heads the log, written (and flushed) here: a full disk is then one clear line now, not
+    # a server that dies unable to say why.
+    with storage_errors(log):
+        home.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as handle:
+            handle.write(f"$ {shlex.join(command)}\n")
+            handle.flush()
+            proc = subprocess.Popen(command, env=_server_environment(home), stdin=subprocess.DEVNULL,
+                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
     try:
         _wait_healthy(proc, url, log)
         with _api_url(url):
@@ -196,8 +206,8 @@ def signals_end_the_run(command: str) -> Iterator[None]:
         yield
     except (TerminationSignal, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signal", signal.SIGINT)
-        print(f"{command}: stopped by {signal.Signals(signum).name}: its jobs are ended and the flow run is marked "
-              f"Crashed; rerun the same command to resume", file=sys.stderr, flush=True)
+        print(f"{command}: stopped by {signal.Signals(signum).name}: its jobs are ended and its flow run, if it had "
+              f"begun, is marked Crashed; rerun the same command to resume", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
     finally:
         for sig, handler in previous.items():
@@ -214,5 +224,5 @@ def run_api(output_dir: Path) -> Iterator[None]:
     with temporary_api(output_dir):
         if crashed := crash_orphans():
             print(f"dpo-pipeline run: marked {crashed} earlier flow run(s) in {server_dir(output_dir)} Crashed: "
-                  f"{_ORPHAN_MESSAGE.split(';')[0]}", file=sys.stderr, flush=True)
+                  f"{_ORPHAN_CAUSE}", file=sys.stderr, flush=True)
         yield

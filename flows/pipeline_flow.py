@@ -5,7 +5,7 @@
 Features:
 
 * **Flows** ``dpo-tokenize``, ``dpo-reference``, ``dpo-train`` and ``dpo-pipeline`` (tokenize -> reference
-  pass -> train; under TR-DPO the training is, per window, reference pass -> train window -> mix, each a task).
+  pass -> train; under TR-DPO the training task is one job that syncs and re-scores every window in place).
   Their parameters are JSON (a config path, an overrides dict, a job timeout), so deployments and the UI can
   set them; the config is validated first thing, so a bad value fails the run at once with the config's own
   message, before any tokenizing.
@@ -39,7 +39,6 @@ from flows.jobs import stop_flow_run_jobs
 from flows.local_run import run_api, signals_end_the_run
 from flows.report import format_report, publish_report
 from flows.tasks import (
-    WindowTasks,
     reference_task,
     run_cached,
     tokenize_task,
@@ -50,7 +49,6 @@ from pipeline.config import DPOPipelineConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.lock import output_dir_lock
 from pipeline.reference import reference_dir_for
-from pipeline.sync import run_tr_dpo
 from pipeline.train import train_dir_for
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -66,9 +64,7 @@ def _reference(config: DPOPipelineConfig, timeout: float | None) -> str:
 
 
 def _train(config: DPOPipelineConfig, timeout: float | None) -> str:
-    if config.sync_ref_model:
-        # The driver skips every window whose artifacts are complete: a rerun runs no window task at all.
-        return str(run_tr_dpo(config, executor=WindowTasks(timeout)))
+    # Under TR-DPO too: every window runs inside this one job (its progress is the task's progress artifacts).
     return run_cached(train_task, config, train_dir_for(config), timeout=timeout)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline import data, reference, sync, train
+from pipeline import data, reference, tr_dpo, train
 from pipeline.artifacts import read_manifest
 from pipeline.config import DPOPipelineConfig
 from pipeline.metrics import read_summary
@@ -39,8 +39,10 @@ def _artifacts(config: DPOPipelineConfig, summary: dict[str, Any]) -> list[tuple
     found += [(label, reference.KIND, path) for label, path in paths.items() if label.startswith("reference_")]
     if "tr_dpo" in summary:
         windows = range(len(summary["tr_dpo"]["windows"]))
-        found += [(f"window {k} reference", reference.KIND, sync.window_reference_dir(config, k)) for k in windows]
-        found += [(f"reference v{k}", sync.KIND, path) for k, path in enumerate(summary["tr_dpo"]["versions"])]
+        run_dir = Path(summary["run_dir"])
+        found += [(f"window {k} reference", reference.KIND, tr_dpo.window_dir(run_dir, k)) for k in windows]
+        found += [(f"reference v{k}", tr_dpo.VERSION_KIND, path)
+                  for k, path in enumerate(summary["tr_dpo"]["versions"])]
     found.append(("train", train.KIND, summary["run_dir"]))
     # One row per directory: a later, more specific label ("window 1 reference" for "reference_train") replaces
     # an earlier one, and the row keeps the place where the directory first appeared.

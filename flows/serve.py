@@ -7,10 +7,10 @@ From the repository root (flow runs start there, as with ``prefect deploy``):
     python -m flows.serve                                           # Ctrl-C stops serving
     prefect deployment run dpo-pipeline/dpo-pipeline --watch
 
-It serves the deployment that ``prefect.yaml`` defines (name, description, parameters, cron schedules), read
-from that file so the definition has one home. Each flow run is a subprocess of this process, cancellable from
-the UI or ``prefect flow-run cancel`` like a worker's. Trade-off against ``prefect deploy`` + a worker: nothing
-to set up, but runs happen only while this process is alive and on this machine.
+It serves the deployment that ``prefect.yaml`` defines (name, description, parameters, cron schedules, the
+concurrency limit), read from that file so the definition has one home. Each flow run is a subprocess of this
+process, cancellable from the UI or ``prefect flow-run cancel`` like a worker's. Trade-off against ``prefect
+deploy`` + a worker: nothing to set up, but runs happen only while this process is alive and on this machine.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 import yaml
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.schedules import Cron
 
 from flows.pipeline_flow import check_prefect_api, dpo_pipeline
@@ -37,9 +38,11 @@ def pipeline_deployment() -> dict[str, Any]:
 def serve() -> None:
     check_prefect_api(server_required=True)  # a temporary API would vanish with this process, runs and all
     spec = pipeline_deployment()
+    limit = spec.get("concurrency_limit")
     dpo_pipeline.serve(
         name=spec["name"], description=spec.get("description"), parameters=spec.get("parameters") or {},
         schedules=[Cron(s["cron"], timezone=s.get("timezone")) for s in spec.get("schedules") or []],
+        global_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
     )
 
 

@@ -1,4 +1,4 @@
-"""The pipeline's Prefect tasks: one per stage (and per TR-DPO window step), cached by artifact fingerprint.
+"""The pipeline's Prefect tasks: one per stage, cached by artifact fingerprint.
 
 * **Cache key = artifact fingerprint.** A stage task gets the content-addressed directory of its artifact
   (``<output_dir>/<stage>/<fingerprint[:16]>``, computed from the inputs before any work) and its cache key is
@@ -12,13 +12,13 @@
   artifact, rebuilds an unusable one, and resumes a partial one, without Prefect.
 * **Heavy tasks run DeepSpeed jobs** through :func:`pipeline.launch.run_stage` (``num_processes`` ranks under
   the launcher, in their own process group), their output and progress streamed by :class:`flows.jobs.JobOutput`.
-* **Retries** (:data:`JOB_RETRIES`) for the reference pass, training and the window steps: a retried reference
+* **Retries** (:data:`JOB_RETRIES`) for the reference pass and training: a retried reference
   pass keeps its committed shards and a retried training resumes from its last DeepSpeed checkpoint, because
   that is what the stages do when rerun. A job that refused its input (bad config, data or artifact) or hit a
   storage fault (no space, a read-only output_dir, a file in the way) is not retried: the same input would be
   refused again, the same write fail again, until the user acts.
-* **TR-DPO**: :class:`WindowTasks` is the executor of :func:`pipeline.sync.run_tr_dpo`, so the driver's loop
-  (which steps, in which order, what to skip) stays in one place and each step it runs is a task here.
+* **TR-DPO** is the training task like plain DPO: one job syncs and re-scores every window in place
+  (:mod:`pipeline.tr_dpo`), so a retry resumes from its last checkpoint.
 
 Trade-offs: the cache key holds the first 16 hex digits of the fingerprint (64 bits, as the directory name
 does). Tasks run one after the other in the flow's process, which mostly waits on its jobs; the stages depend
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from flows.jobs import JobOutput
@@ -44,7 +43,6 @@ from pipeline.config import DPOPipelineConfig
 from pipeline.data import KIND as TOKENIZED_KIND
 from pipeline.data import tokenize_stage, tokenized_fingerprint
 from pipeline.errors import ArtifactError, PipelineError
-from pipeline.sync import Step
 
 CACHE_DIR = "prefect-cache"
 JOB_RETRIES = 2
@@ -118,28 +116,3 @@ def reference_task(config: DPOPipelineConfig, artifact: str, timeout: float | No
 def train_task(config: DPOPipelineConfig, artifact: str, timeout: float | None = None) -> str:
     run_job("train", config, artifact=artifact, timeout=timeout)
     return artifact
-
-
-# ---------------------------------------------------------------------------------------------- TR-DPO
-@task(cache_policy=NO_CACHE, retries=JOB_RETRIES, retry_delay_seconds=JOB_RETRY_DELAY_S,
-      retry_condition_fn=_worth_retrying)
-def window_step_task(step: Step, config: DPOPipelineConfig, timeout: float | None = None) -> str:
-    if step.stage is None:
-        step.fn()
-    else:
-        run_job(step.stage, config, artifact=str(step.artifact), extra_args=step.args, timeout=timeout)
-    return str(step.artifact)
-
-
-class WindowTasks:
-    """The TR-DPO driver's executor (:data:`pipeline.sync.Executor`): each step the driver runs becomes a task
-    named after it (``reference-window-3``, ``train-window-3``, ``mix-window-3``).
-
-    Not cached by Prefect: the driver calls a step only when its artifact is incomplete, and it resumes the run
-    from the artifacts themselves, so a cache could only ever answer "run it"."""
-
-    def __init__(self, timeout: float | None = None):
-        self.timeout = timeout
-
-    def __call__(self, step: Step, config: DPOPipelineConfig) -> None:
-        window_step_task.with_options(name=step.name)(step, config, self.timeout)

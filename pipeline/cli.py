@@ -43,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", help="YAML config (TRL DPOConfig field names)")
         stage.add_argument("--output-dir", help="overrides output_dir")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values in YAML")
-        if name in ("reference", "train"):
-            # Internal: the TR-DPO driver runs one window per job (reference pass of window K, or its steps).
-            stage.add_argument("--window", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -77,15 +74,8 @@ def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
         from flows.pipeline_flow import run_pipeline
 
         run_pipeline(config)
-    elif args.window is not None:
-        from pipeline import sync
-
-        (sync.reference_window if args.stage == "reference" else sync.train_window)(config, args.window)
     elif under_launcher() and args.stage == "train" and config.sync_ref_model:
-        # One job for every window: this rank runs the driver's steps in-process with the other ranks.
-        from pipeline.sync import InJobExecutor, run_tr_dpo
-
-        print(run_tr_dpo(config, InJobExecutor(config)))
+        print(_tr_dpo_in_job(config))
     elif not under_launcher() and (config.num_processes > 1 or config.num_nodes > 1 or config.launcher == "slurm"
                                    or (args.stage == "train" and config.sync_ref_model)):
         # TR-DPO is one job for all its windows, even on one process: no launcher and model load per window.
@@ -100,6 +90,22 @@ def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
         from pipeline.train import train_stage
 
         print(train_stage(config))
+
+
+def _tr_dpo_in_job(config):
+    """TR-DPO's ``train`` inside a launcher's job: what it needs first (the tokenized artifact, made by rank 0;
+    the eval reference against version 0), then every window in this one job (:mod:`pipeline.tr_dpo`)."""
+    from pipeline.data import tokenize_stage
+    from pipeline.distributed import barrier, init_distributed, is_main_process
+    from pipeline.reference import reference_stage
+    from pipeline.train import train_stage
+
+    init_distributed(config)
+    if is_main_process():
+        tokenize_stage(config)
+    barrier()
+    reference_stage(config)
+    return train_stage(config)
 
 
 def main(argv: list[str] | None = None) -> int:

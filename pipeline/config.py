@@ -64,6 +64,12 @@ class DPOPipelineConfig(BaseModel):
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
+    # Where each rank keeps its slice of the reference between syncs: host memory (pinned on GPUs, no device
+    # memory) or, with true, the device (syncs skip two host copies; costs 2-4 bytes/param / ranks of it).
+    ref_slices_on_device: bool = False
+    # Also write each reference version's consolidated weights to references/v<k>/ (an export for audits; the
+    # checkpoints' per-rank slices are all a resume needs).
+    save_reference_versions: bool = False
 
     # --- optimisation (TrainingArguments names) ---
     learning_rate: float = 1e-6

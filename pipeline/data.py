@@ -593,6 +593,13 @@ def tokenize_stage(config: DPOPipelineConfig) -> Path:
     return out
 
 
+def require_tokenized(artifact_dir: Path) -> None:
+    """A stage that reads the tokenized artifact refuses to start without one, naming the command that makes it."""
+    if not (Path(artifact_dir) / MANIFEST).is_file():
+        raise ArtifactError(f"no tokenized artifact for this config at {artifact_dir}: run the tokenize stage first "
+                            f"(dpo-pipeline tokenize --config ...)")
+
+
 def tokenized_manifest(artifact_dir: Path, fingerprint: str | None = None) -> dict:
     """The verified manifest of a tokenized artifact (kind, schema and file hashes checked; with ``fingerprint``,
     its identity too: a foreign artifact with a manifest of its own is refused)."""

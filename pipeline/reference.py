@@ -170,31 +170,36 @@ def reference_dir_for(config: DPOPipelineConfig) -> Path:
 def reference_stage(config: DPOPipelineConfig) -> Path:
     """Score the tokenized artifact of ``config`` with its reference model. Collective: every rank calls it."""
     plan = _stage_plan(config)
-    if not (plan.tokenized_dir / MANIFEST).is_file():
-        raise ArtifactError(f"no tokenized artifact for this config at {plan.tokenized_dir}: run the tokenize "
-                            f"stage first (dpo-pipeline tokenize --config ...)")
+    data.require_tokenized(plan.tokenized_dir)
     read_manifest(plan.tokenized_dir, kind=data.KIND, schema_version=data.SCHEMA_VERSION,
                   fingerprint=plan.tokenized_fingerprint, verify_files=False)  # compute_reference_logps hashes files
     return compute_reference_logps(config, tokenized_dir=plan.tokenized_dir, model_dir=plan.model_dir,
                                    out_dir=plan.out_dir, splits=plan.splits)
 
 
-def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, model_dir: Path, out_dir: Path,
-                            splits: Sequence[str], example_ids: Mapping[str, Sequence[int]] | None = None,
+def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, out_dir: Path,
+                            splits: Sequence[str], model_dir: Path | None = None, engine=None,
+                            weights: str | None = None, example_ids: Mapping[str, Sequence[int]] | None = None,
                             extra_inputs: Mapping | None = None, shard_size: int = 2048) -> Path:
-    """Score ``splits`` of ``tokenized_dir`` (all examples, or the unique ``example_ids`` given per split) with
-    the model in ``model_dir`` into ``out_dir``. ``extra_inputs`` join the fingerprint. Collective.
+    """Score ``splits`` of ``tokenized_dir`` (all examples, or the unique ``example_ids`` given per split) into
+    ``out_dir``, with the model in ``model_dir`` (an inference engine loaded here), or with a live ``engine``
+    whose weights are identified by ``weights`` (TR-DPO's reference versions inside the training job: the
+    identity enters the fingerprint where a model directory's content hash would). ``extra_inputs`` join the
+    fingerprint. Collective.
 
     Returns at once when ``out_dir`` holds a complete artifact with the same fingerprint; otherwise keeps the
     valid shards already there and computes the rest."""
-    tokenized_dir, model_dir, out_dir = Path(tokenized_dir), Path(model_dir), Path(out_dir)
-    if not model_dir.is_dir():
-        raise ConfigError(f"reference model directory not found: {model_dir}")
+    tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
+    if engine is None:
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ConfigError(f"reference model directory not found: {model_dir}")
+        weights = model_weights_hash(model_dir)
     unknown = [split for split in splits if split not in SPLITS]
     if unknown or len(set(splits)) != len(splits):
         raise ConfigError(f"reference splits must be distinct names among {', '.join(SPLITS)}; got {list(splits)}")
     tokenized = data.tokenized_manifest(tokenized_dir)  # kind, schema and Parquet hashes checked
-    inputs = _inputs(tokenized_fingerprint=tokenized["fingerprint"], weights_hash=model_weights_hash(model_dir),
+    inputs = _inputs(tokenized_fingerprint=tokenized["fingerprint"], weights_hash=weights,
                      dtype=_dtype_name(config), splits=splits, example_ids=example_ids, extra_inputs=extra_inputs)
     fp = expected_fingerprint(KIND, SCHEMA_VERSION, inputs)
     init_distributed(config)
@@ -208,7 +213,9 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, m
         log.warning("reference artifact %s is complete but unusable (%s): rebuilding it", out_dir, problem)
 
     tables = {split: _select(tokenized_dir, split, (example_ids or {}).get(split)) for split in splits}
-    _check_vocabulary(tokenized_dir, tables, _model_vocab_size(model_dir))
+    vocab = (_model_vocab_size(model_dir) if engine is None
+             else int(engine.module.config.get_text_config().vocab_size))
+    _check_vocabulary(tokenized_dir, tables, vocab)
     plan = [_Shard(split, index, ids) for split, table in tables.items()
             for index, ids in enumerate(_chunks(table.column("example_id").to_numpy(), shard_size))]
 
@@ -224,8 +231,17 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, m
         if is_main_process():
             log.info("reference pass: %d of %d shards to compute (%d kept from an earlier run)", len(todo),
                      len(plan), len(reused))
-        _score_shards(config, model_dir, tables, todo, out_dir, fp, pad_token_id=int(tokenized["pad_token_id"]),
-                      stats=stats)
+        pad = int(tokenized["pad_token_id"])
+        if engine is not None:
+            _score_shards(engine, _reference_batch_size(config), tables, todo, out_dir, fp, pad_token_id=pad,
+                          stats=stats)
+        else:
+            loaded = _load_engine(config, model_dir)
+            try:
+                _score_shards(loaded, int(loaded.train_micro_batch_size_per_gpu()), tables, todo, out_dir, fp,
+                              pad_token_id=pad, stats=stats)
+            finally:
+                loaded.destroy()
     if is_main_process():
         rows = {split: int(table.num_rows) for split, table in tables.items()}
         write_manifest(
@@ -236,7 +252,8 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, m
                     "tokens_per_s": round(stats.tokens / stats.seconds, 1) if stats.seconds else None,
                     "shards": len(plan), "reused_shards": len(reused)},
             shards={split: [s.name for s in plan if s.split == split] for split in splits},
-            tokenized_dir=str(tokenized_dir), model_path=str(model_dir), world_size=world_size(),
+            tokenized_dir=str(tokenized_dir), model_path=str(model_dir) if model_dir else None,
+            world_size=world_size(),
         )
         log.info("reference artifact written to %s", out_dir)
     barrier()
@@ -460,10 +477,12 @@ def _batches(table: pa.Table, batch_size: int) -> list[np.ndarray]:
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _score_shards(config: DPOPipelineConfig, model_dir: Path, tables: Mapping[str, pa.Table], todo: Sequence[_Shard],
-                  out_dir: Path, fp: str, *, pad_token_id: int, stats: _Stats) -> None:
-    engine = _load_engine(config, model_dir)
-    batch_size = int(engine.train_micro_batch_size_per_gpu())
+def _reference_batch_size(config: DPOPipelineConfig) -> int:
+    return config.precompute_ref_batch_size or config.per_device_eval_batch_size
+
+
+def _score_shards(engine, batch_size: int, tables: Mapping[str, pa.Table], todo: Sequence[_Shard], out_dir: Path,
+                  fp: str, *, pad_token_id: int, stats: _Stats) -> None:
     me, world = rank(), world_size()
     rows_of = {split: table.column("example_id").to_numpy() for split, table in tables.items()}
     total = sum(_sequence_tokens(tables[s.split].take(pa.array(np.searchsorted(rows_of[s.split], s.example_ids))))
@@ -494,7 +513,6 @@ def _score_shards(config: DPOPipelineConfig, model_dir: Path, tables: Mapping[st
             barrier()
     finally:
         bar.close()
-        engine.destroy()
     stats.seconds = time.perf_counter() - start
     stats.forwards = sum(all_gather_objects(stats.forwards))
 

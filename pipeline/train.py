@@ -96,6 +96,7 @@ from pipeline.metrics import (
     write_plots,
 )
 from pipeline.schedule import TrainingSchedule
+from pipeline.tr_dpo import TRDPOWindows
 
 log = logging.getLogger(__name__)
 
@@ -321,32 +322,31 @@ def _save_hf(module, state_dict, out: Path, tokenizer_dir: Path) -> None:
 class DPOTrainingRecipe:
     """One training run in ``run_dir``; every method is collective (all ranks call it) unless it says not."""
 
-    def __init__(self, config: DPOPipelineConfig, plan: RunPlan, *, train_reference_dir: Path | None = None,
-                 eval_reference_dir: Path | None = None):
+    def __init__(self, config: DPOPipelineConfig, plan: RunPlan, *, train_reference_dir: Path | None = None):
         self.config, self.plan, self.run_dir = config, plan, plan.run_dir
         self.world, self.rank = world_size(), rank()
         self.ds_config = resolve_ds_config(config, world=self.world)
         self.spec = config.loss_spec()
         self.model_dir = config.model_dir()
-        if not (plan.tokenized_dir / MANIFEST).is_file():
-            raise ArtifactError(f"no tokenized artifact for this config at {plan.tokenized_dir}: run the tokenize "
-                                f"stage first (dpo-pipeline tokenize --config ...)")
+        data.require_tokenized(plan.tokenized_dir)
         tokenized = data.tokenized_manifest(plan.tokenized_dir, fingerprint=plan.tokenized_fingerprint)
         pad = int(tokenized["pad_token_id"])
-        # An explicit reference dir (TR-DPO's windows) holds another model's scores: only the data is checked.
-        # The default one must hold the scores of the weights the policy starts from.
-        defaults = train_reference_dir is None or eval_reference_dir is None
-        initial_weights = model_weights_hash(self.model_dir) if defaults else None
-        self.reference_dirs = {"train": Path(train_reference_dir or plan.reference_dir),
-                               "eval": Path(eval_reference_dir or plan.reference_dir)}
-        train_ref = _load_reference(self.reference_dirs["train"], "train", plan.tokenized_fingerprint,
-                                    None if train_reference_dir else initial_weights)
+        # The default reference artifact must hold the scores of the weights the policy starts from; an explicit
+        # one is checked against the data only. Under TR-DPO each window's log-probs come from the run itself.
+        initial_weights = model_weights_hash(self.model_dir)
+        self.reference_dirs = {"eval": plan.reference_dir}
+        train_ref = None
+        if not config.sync_ref_model:
+            self.reference_dirs["train"] = Path(train_reference_dir or plan.reference_dir)
+            train_ref = _load_reference(self.reference_dirs["train"], "train", plan.tokenized_fingerprint,
+                                        None if train_reference_dir else initial_weights)
         self.train = PreferencePairs(plan.tokenized_dir, "train", train_ref, pad)
         self.schedule = TrainingSchedule.from_config(config, self.train.ids, self.world)
+        self.tr_dpo = (TRDPOWindows(config, self.run_dir, self.model_dir, plan.tokenized_dir,
+                                    plan.tokenized_fingerprint, self.schedule) if config.sync_ref_model else None)
         self.eval = None
         if data.SPLIT_FILES["eval"] in tokenized["files"]:
-            eval_ref = _load_reference(self.reference_dirs["eval"], "eval", plan.tokenized_fingerprint,
-                                       None if eval_reference_dir else initial_weights)
+            eval_ref = _load_reference(self.reference_dirs["eval"], "eval", plan.tokenized_fingerprint, initial_weights)
             self.eval = PreferencePairs(plan.tokenized_dir, "eval", eval_ref, pad)
             self.eval.require(self.eval.ids, f"eval reference {self.reference_dirs['eval']}")
 
@@ -360,6 +360,7 @@ class DPOTrainingRecipe:
         self.step = self.resume_from[0] if self.resume_from else 0  # set again from the checkpoint on load
         self.last_eval_step: int | None = None
         self.loss_state = LossState(all_reduce_sum=_all_reduce_sum if self.world > 1 else None)
+        self.started = time.perf_counter()  # train_stage sets it earlier, before the data checks
 
     # ------------------------------------------------------------------ setup
     def _check_resumable(self, checkpoint: Path) -> None:
@@ -372,8 +373,9 @@ class DPOTrainingRecipe:
                               f"restore that config or delete {self.checkpoint_root} to start over")
 
     def check_window(self, start: int, stop: int) -> None:
-        """Before step 1: the train reference covers every example of steps [start, stop)."""
-        if stop > start:
+        """Before step 1: the train reference covers every example of steps [start, stop) (TR-DPO's windows
+        score their own examples as they start)."""
+        if stop > start and self.tr_dpo is None:
             self.train.require(self.schedule.window_ids(start, stop), f"train reference {self.reference_dirs['train']}")
 
     def setup(self) -> None:
@@ -417,8 +419,11 @@ class DPOTrainingRecipe:
             # (an extra 4 bytes per parameter at the peak, and two passes over the gradients per step).
             self.engine.enable_backward_allreduce = False
         self.engine.train()
-        if self.resume_from:
-            self._load_checkpoint(self.resume_from[1])
+        client = self._load_checkpoint(self.resume_from[1]) if self.resume_from else None
+        if self.tr_dpo is not None:
+            self.train.reference = self.tr_dpo.start(self.engine, zero_stage(self.ds_config) == 3,
+                                                     self.resume_from[1] if self.resume_from else None, client,
+                                                     self.step)
         if is_main_process():
             self.metrics.restart(through_step=self.step)  # drop lines of steps the resumed run will redo
         barrier()
@@ -495,6 +500,10 @@ class DPOTrainingRecipe:
                    disable=not is_main_process(), dynamic_ncols=True)
         try:
             while self.step < stop:
+                if self.tr_dpo is not None:
+                    window_logps = self.tr_dpo.before_step(self.step)  # a sync when the step opens a window
+                    if window_logps is not None:
+                        self.train.reference = window_logps
                 record = self.train_step(self.step)
                 self.step += 1
                 bar.update()
@@ -530,9 +539,13 @@ class DPOTrainingRecipe:
             (directory / CHECKPOINT_MARKER).unlink(missing_ok=True)  # must not vouch for files being rewritten
         barrier()
         # No 'latest' pointer: the newest intact checkpoint is the one to resume, whatever DeepSpeed wrote.
+        client = {"step": self.step, "loss_state": self.loss_state.state_dict()}
+        if self.tr_dpo is not None:
+            client["tr_dpo"] = self.tr_dpo.state()
         with storage_errors(directory):
-            self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False,
-                                        client_state={"step": self.step, "loss_state": self.loss_state.state_dict()})
+            self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False, client_state=client)
+        if self.tr_dpo is not None:
+            self.tr_dpo.slices.save(directory)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -558,7 +571,7 @@ class DPOTrainingRecipe:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, path: Path) -> dict:
         load_path, client = self.engine.load_checkpoint(str(self.checkpoint_root), tag=path.name)
         if load_path is None:
             raise ArtifactError(f"DeepSpeed could not load checkpoint {path}; delete it to start from the previous one")
@@ -569,6 +582,7 @@ class DPOTrainingRecipe:
         if "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
         log.info("resumed from %s at step %d of %d", path, self.step, self.schedule.num_steps)
+        return client
 
     # ------------------------------------------------------------------ saving the policy
     def save_policy(self, out: Path) -> None:
@@ -613,6 +627,10 @@ class DPOTrainingRecipe:
             "paths": {"model": str(model_dir), "metrics": str(self.run_dir / METRICS_FILE), "plots": plots,
                       "tokenized": str(self.plan.tokenized_dir),
                       **{f"reference_{split}": str(path) for split, path in self.reference_dirs.items()}},
+            # This call of the stage, from the start (data checks, model load) to here; a resumed run counts its
+            # last call only.
+            "stage_seconds": round(time.perf_counter() - self.started, 3),
+            **(self.tr_dpo.summary() if self.tr_dpo is not None else {}),
         }
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         files = [str(p.relative_to(self.run_dir)) for p in sorted(model_dir.iterdir())]
@@ -623,20 +641,15 @@ class DPOTrainingRecipe:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def policy_dir_for(run_dir: Path, step: int) -> Path:
-    """Where ``train_stage(save_policy_at_stop=True)`` saves the policy at ``step``. The save renames a staging dir
-    into place, so the directory existing means the model is complete."""
-    return run_dir / "policy" / f"step-{step}"
-
-
-def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None, train_reference_dir: Path | None = None,
-                eval_reference_dir: Path | None = None, save_policy_at_stop: bool = False) -> Path:
+def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None,
+                train_reference_dir: Path | None = None) -> Path:
     """Train (or resume) the run of ``config`` up to ``stop_step`` (exclusive) or the end; return the run dir.
 
-    Collective. Both reference dirs default to the reference stage's artifact for ``config``. Stopping before
-    the end leaves a checkpoint there (the next call resumes exactly), and with ``save_policy_at_stop`` the
-    policy as a Hugging Face model in :func:`policy_dir_for`. At the end: ``final_model``,
-    ``metrics.jsonl``, plots, ``summary.json`` and ``manifest.json``. A complete run dir is returned as is."""
+    Collective. The reference log-probs are the reference stage's artifact for ``config`` (or
+    ``train_reference_dir`` for the train split); under TR-DPO each window's are scored inside the run
+    (:mod:`pipeline.tr_dpo`). Stopping before the end leaves a checkpoint there (the next call resumes
+    exactly). At the end: ``final_model``, ``metrics.jsonl``, plots, ``summary.json`` and ``manifest.json``.
+    A complete run dir is returned as is."""
     plan = plan_run(config)
     run_dir = plan.run_dir
     init_distributed(config)
@@ -644,8 +657,9 @@ def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None, trai
     if main_decides(lambda: is_complete(run_dir, kind=KIND, fingerprint=plan.fingerprint)):
         log.info("training run %s is complete (same inputs): nothing to do", run_dir)
         return run_dir
-    recipe = DPOTrainingRecipe(config, plan, train_reference_dir=train_reference_dir,
-                               eval_reference_dir=eval_reference_dir)
+    started = time.perf_counter()
+    recipe = DPOTrainingRecipe(config, plan, train_reference_dir=train_reference_dir)
+    recipe.started = started
     end = recipe.schedule.num_steps if stop_step is None else min(stop_step, recipe.schedule.num_steps)
     recipe.check_window(recipe.step, end)
     recipe.setup()
@@ -654,8 +668,6 @@ def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None, trai
         if recipe.step >= recipe.schedule.num_steps:
             recipe.finish()
             log.info("training run written to %s", run_dir)
-        elif save_policy_at_stop:
-            recipe.save_policy(policy_dir_for(run_dir, recipe.step))
     finally:
         recipe.engine.destroy()
     return run_dir

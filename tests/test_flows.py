@@ -144,23 +144,25 @@ def test_full_tiny_default_run_then_a_rerun_is_all_cached(prefect_api, tiny, tmp
     assert summary["reference_versions"] == 2 and summary["reference_forwards_per_example"] == 1.0
     assert 0.0 <= summary["eval_reward_accuracy"] <= 1.0
     runs = task_runs(first)
-    assert sorted(runs) == sorted(["tokenize", "reference-pass", "reference-window-0", "train-window-0",
-                                   "mix-window-0", "reference-window-1", "train-window-1"])
-    assert state_counts(first) == {"Completed": 7}
+    assert sorted(runs) == ["reference-pass", "tokenize", "train"]  # TR-DPO's windows all run in the one job
+    assert state_counts(first) == {"Completed": 3}
     published = artifacts(first)
     [table], [report] = published["dpo-final-metrics"], published["dpo-run-report"]
     assert table.type == "table" and "eval_reward_accuracy" in table.data
     assert report.data.count("data:image/png;base64,") == 3 and run_dir.name in report.data
     assert "reference v1" in report.data and "window 1 reference" in report.data
-    # Progress per job: training's bar counts the whole run (window 0 ends half way), each reference pass its own.
-    assert sorted(a.data for a in published["train-progress"]) == [50, 100]
-    assert [a.data for a in published["reference-progress"]] == [100] * 3
+    assert [a.data for a in published["train-progress"]] == [100]
+    assert [a.data for a in published["reference-progress"]] == [100]
+    # The windows while they ran: one markdown version per window start, the last naming both.
+    windows = published["train-tr-dpo-windows"]
+    assert len(windows) == 2
+    assert any("| 1/2 | 1-2 | v0 |" in a.data and "| 2/2 | 3-4 | v1 |" in a.data for a in windows)
 
     before = snapshot(config)
     rerun = dpo_pipeline(config_path=str(config_file), return_state=True)
     assert rerun.is_completed()
-    # tokenize and the reference pass come from Prefect's cache; the TR-DPO driver finds every window done.
-    assert state_counts(rerun.state_details.flow_run_id) == {"Cached": 2}
+    # Every task comes from Prefect's cache, training (all its windows) included.
+    assert state_counts(rerun.state_details.flow_run_id) == {"Cached": 3}
     assert snapshot(config) == before
 
 
@@ -329,6 +331,8 @@ def test_deployment_round_trip(prefect_server, tiny, tmp_path):
         deployment = client.read_deployment_by_name("dpo-pipeline/dpo-pipeline")
     assert deployment.parameters["config_path"] == "configs/default.yaml"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.global_concurrency_limit.limit == 1  # an overlapping run waits for a slot
+    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
 
     overrides = tiny(sync_ref_model=False, max_steps=2, eval_steps=None, save_steps=None)
     with background([PREFECT, "worker", "start", "--pool", "dpo-local"], env, tmp_path / "worker.log"):

@@ -125,17 +125,15 @@ def test_a_flipped_byte_in_a_tr_dpo_window_shard_is_rescored_on_resume(make_conf
     """A TR-DPO run interrupted before its last window's training ends, with a byte of that window's committed
     reference shard flipped meanwhile: the rerun re-scores the window instead of keeping the shard, and ends at
     the weights of the uninterrupted run."""
-    from pipeline import sync
-
-    config = make_config(output_dir=str(tmp_path / "out"), **{**SMALL, "sync_ref_model": True,
-                                                               "ref_model_sync_steps": 2, "max_steps": 4})
-    run_dir = sync.run_tr_dpo(config, sync.InJobExecutor(config))
+    config, _ = _prepared(make_config, tmp_path / "out", sync_ref_model=True, ref_model_sync_steps=2, max_steps=4,
+                          save_steps=2)
+    run_dir = train_stage(config)
     final = load_file(run_dir / "final_model" / "model.safetensors")
     shard = sorted((run_dir / "windows" / "1" / "reference").glob("train-*.parquet"))[0]
     pristine = shard.read_bytes()
-    (run_dir / MANIFEST).unlink()  # as if killed before the last window's outputs were committed
+    (run_dir / MANIFEST).unlink()  # as if killed in the last window, after its checkpoint at step 2
     _flip_a_byte(shard, offset=len(pristine) - 200)
-    sync.run_tr_dpo(config, sync.InJobExecutor(config))
+    train_stage(config)
     assert shard.read_bytes() == pristine
     again = load_file(run_dir / "final_model" / "model.safetensors")
     assert all((again[k] == final[k]).all() for k in final)

@@ -180,4 +180,5 @@ def test_concurrent_runs_on_one_output_dir_leave_one_clean_metrics_log(make_conf
     # The second run came after the first, found everything complete and did no model work.
     assert second_log.read_text().count("Finished in state Cached") == 3
     records = [json.loads(line) for line in (train_dir_for(config) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # Each step's train record once, in order, then the final eval record: one run's worth, nothing doubled.
+    assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (3, True), (4, True), (4, False)]

@@ -48,7 +48,7 @@ from pipeline.reference import reference_stage
 from pipeline.train import read_summary, train_dir_for
 
 SLURM_SCRIPT = REPO_ROOT / ".ci" / "slurm.sh"
-# The ranks get only the Slurm variables; one intra-op thread each on the 2 shared cores.
+# Every job here: DeepSpeed on the CPU, one intra-op thread per rank on the 2 shared cores.
 JOB_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 NO_EVAL = {"sync_ref_model": False, "eval_steps": None, "save_steps": None}
 
@@ -183,7 +183,7 @@ def test_cancelling_a_served_run_leaves_no_slurm_job(served, tiny):  # noqa: F81
     output_dir = Path(overrides["output_dir"])
     train_log = output_dir / "logs" / "train.log"
     run_id, _ = trigger(served, overrides)
-    # Training is under way in Slurm: its job is queued and its tqdm bar streams through srun into the log.
+    # Training is under way in Slurm: its job is queued, and its bar has come through srun into the job log.
     wait_until(lambda: f"dpo-train-{run_id}" in slurm.queued().values(), 300, "the training job in squeue")
     wait_until(lambda: train_log.is_file() and "train:" in train_log.read_text(), 300, "the training bar")
     prefect(served, "flow-run", "cancel", run_id)
