@@ -21,7 +21,9 @@ node_state() { sinfo -h -N -n "$(hostname)" -o %t 2>/dev/null || true; }
 write_conf() {
     local host cpus mem
     host=$(hostname)
-    cpus=$(nproc)
+    # The CPUs slurmd detects, not `nproc`: that obeys OMP_NUM_THREADS (1 in the tests' environment), and a
+    # node configured with 1 CPU never fits `srun -n 2`.
+    cpus=$(/usr/sbin/slurmd -C | sed -n 's/.* CPUs=\([0-9]*\).*/\1/p')
     # slurmd drains a node that has less memory than configured: stay 10 % under what `free` reports.
     mem=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
     as_root mkdir -p /etc/slurm
@@ -79,7 +81,8 @@ start() {
         alive /run/slurmctld.pid || { as_root /usr/sbin/slurmctld -c; did+=("slurmctld"); }
         alive /run/slurmd.pid || { as_root /usr/sbin/slurmd; did+=("slurmd"); }
     fi
-    until state=$(node_state); [[ "$state" =~ ^(idle|mix|alloc) ]]; do
+    # Exactly these: a suffix (idle*, idle~ ...) means not responding or powered down.
+    until state=$(node_state); [[ "$state" =~ ^(idle|mix|alloc)$ ]]; do
         if (( waited >= WAIT_S )); then
             echo "slurm: node $(hostname) not up after ${WAIT_S} s (state '${state}'); logs:" >&2
             as_root tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true

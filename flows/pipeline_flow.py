@@ -42,30 +42,28 @@ from flows.tasks import (
     reference_task,
     run_cached,
     tokenize_task,
-    tokenized_dir_for,
     train_task,
 )
 from pipeline.config import DPOPipelineConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.lock import output_dir_lock
-from pipeline.reference import reference_dir_for
-from pipeline.train import train_dir_for
+from pipeline.plan import Plan
 
 DEFAULT_CONFIG = "configs/default.yaml"
 _JOB_HOOKS = {"on_cancellation": [stop_flow_run_jobs], "on_crashed": [stop_flow_run_jobs]}
 
 
-def _tokenize(config: DPOPipelineConfig) -> str:
-    return run_cached(tokenize_task, config, tokenized_dir_for(config))
+def _tokenize(config: DPOPipelineConfig, plan: Plan) -> str:
+    return run_cached(tokenize_task, config, plan.tokenized_dir)
 
 
-def _reference(config: DPOPipelineConfig, timeout: float | None) -> str:
-    return run_cached(reference_task, config, reference_dir_for(config), timeout=timeout)
+def _reference(config: DPOPipelineConfig, plan: Plan, timeout: float | None) -> str:
+    return run_cached(reference_task, config, plan.reference_dir, timeout=timeout)
 
 
-def _train(config: DPOPipelineConfig, timeout: float | None) -> str:
+def _train(config: DPOPipelineConfig, plan: Plan, timeout: float | None) -> str:
     # Under TR-DPO too: every window runs inside this one job (its progress is the task's progress artifacts).
-    return run_cached(train_task, config, train_dir_for(config), timeout=timeout)
+    return run_cached(train_task, config, plan.train_dir, timeout=timeout)
 
 
 @flow(name="dpo-tokenize")
@@ -73,7 +71,7 @@ def tokenize_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str,
     """Tokenize the preference dataset (returns the tokenized artifact's directory)."""
     config = load_config(config_path, overrides)
     with output_dir_lock(config):
-        return _tokenize(config)
+        return _tokenize(config, Plan.of(config))
 
 
 @flow(name="dpo-reference", **_JOB_HOOKS)
@@ -82,7 +80,7 @@ def reference_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str
     """The reference pass (needs the tokenized artifact; returns the reference artifact's directory)."""
     config = load_config(config_path, overrides)
     with output_dir_lock(config):
-        return _reference(config, job_timeout_s)
+        return _reference(config, Plan.of(config), job_timeout_s)
 
 
 @flow(name="dpo-train", **_JOB_HOOKS)
@@ -91,7 +89,7 @@ def train_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, An
     """Training from the cached reference log-probs (returns the run directory)."""
     config = load_config(config_path, overrides)
     with output_dir_lock(config):
-        run_dir = _train(config, job_timeout_s)
+        run_dir = _train(config, Plan.of(config), job_timeout_s)
         publish_report(config, run_dir)
     return run_dir
 
@@ -103,9 +101,10 @@ def dpo_pipeline(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, 
     ``config_path``; ``job_timeout_s`` bounds each DeepSpeed job. Returns the artifact directories."""
     config = load_config(config_path, overrides)
     with output_dir_lock(config):
-        paths = {"tokenized": _tokenize(config)}
-        paths["reference"] = _reference(config, job_timeout_s)
-        paths["train"] = _train(config, job_timeout_s)
+        plan = Plan.of(config)  # every artifact's place, worked out once for the run
+        paths = {"tokenized": _tokenize(config, plan)}
+        paths["reference"] = _reference(config, plan, job_timeout_s)
+        paths["train"] = _train(config, plan, job_timeout_s)
         publish_report(config, paths["train"])
     return paths
 

@@ -28,7 +28,6 @@ on each other, so there is nothing to run in parallel.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,9 @@ from prefect.context import TaskRunContext
 
 from flows.jobs import JobOutput
 from pipeline import launch
-from pipeline.artifacts import MANIFEST, artifact_dir, read_manifest, storage_error
+from pipeline.artifacts import MANIFEST, read_manifest, storage_error
 from pipeline.config import DPOPipelineConfig
-from pipeline.data import KIND as TOKENIZED_KIND
-from pipeline.data import tokenize_stage, tokenized_fingerprint
+from pipeline.data import tokenize_stage
 from pipeline.errors import ArtifactError, PipelineError
 
 CACHE_DIR = "prefect-cache"
@@ -96,10 +94,6 @@ def run_job(stage: str, config: DPOPipelineConfig, *, artifact: str, extra_args:
 
 
 # ---------------------------------------------------------------------------------------------- stage tasks
-def tokenized_dir_for(config: DPOPipelineConfig) -> Path:
-    return artifact_dir(config.output_path, TOKENIZED_KIND, tokenized_fingerprint(config))
-
-
 @_stage_task("tokenize")
 def tokenize_task(config: DPOPipelineConfig, artifact: str) -> str:
     # In this process: tokenizing needs no model, and a job would only add the launcher's start-up time.

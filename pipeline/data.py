@@ -538,9 +538,10 @@ def _inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[str, Split
     }
 
 
-def tokenized_fingerprint(config: DPOPipelineConfig) -> str:
+def tokenized_fingerprint(config: DPOPipelineConfig, *, model_dir: Path | None = None) -> str:
     """The fingerprint of the artifact ``config`` gives, computed from the inputs alone (no tokenizing)."""
-    return expected_fingerprint(KIND, SCHEMA_VERSION, _inputs(config, config.model_dir(), resolve_sources(config)))
+    return expected_fingerprint(KIND, SCHEMA_VERSION,
+                                _inputs(config, model_dir or config.model_dir(), resolve_sources(config)))
 
 
 def _load_tokenizer(model_dir: Path):

@@ -151,9 +151,10 @@ class _StagePlan:
     out_dir: Path
 
 
-def _stage_plan(config: DPOPipelineConfig) -> _StagePlan:
-    tokenized_fp = data.tokenized_fingerprint(config)
-    model_dir = config.model_dir()
+def _stage_plan(config: DPOPipelineConfig, *, tokenized_fingerprint: str | None = None,
+                model_dir: Path | None = None) -> _StagePlan:
+    model_dir = model_dir or config.model_dir()
+    tokenized_fp = tokenized_fingerprint or data.tokenized_fingerprint(config, model_dir=model_dir)
     splits = _stage_splits(config)
     inputs = _inputs(tokenized_fingerprint=tokenized_fp, weights_hash=model_weights_hash(model_dir),
                      dtype=_dtype_name(config), splits=splits, example_ids=None, extra_inputs=None)
@@ -161,9 +162,10 @@ def _stage_plan(config: DPOPipelineConfig) -> _StagePlan:
                       artifact_dir(config.output_path, KIND, expected_fingerprint(KIND, SCHEMA_VERSION, inputs)))
 
 
-def reference_dir_for(config: DPOPipelineConfig) -> Path:
+def reference_dir_for(config: DPOPipelineConfig, *, tokenized_fingerprint: str | None = None,
+                      model_dir: Path | None = None) -> Path:
     """Where :func:`reference_stage` puts its artifact for ``config``: hashes of inputs only, no model work."""
-    return _stage_plan(config).out_dir
+    return _stage_plan(config, tokenized_fingerprint=tokenized_fingerprint, model_dir=model_dir).out_dir
 
 
 # ---------------------------------------------------------------------------------------------- the stage

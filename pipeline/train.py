@@ -46,7 +46,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +55,8 @@ from tqdm import tqdm
 
 from pipeline import data, reference
 from pipeline.artifacts import (
-    MANIFEST,
-    artifact_dir,
     atomic_path,
     atomic_write_json,
-    expected_fingerprint,
     hash_file,
     is_complete,
     model_weights_hash,
@@ -77,7 +73,6 @@ from pipeline.distributed import (
     init_distributed,
     is_main_process,
     main_decides,
-    load_ds_config,
     rank,
     resolve_ds_config,
     world_size,
@@ -95,25 +90,17 @@ from pipeline.metrics import (
     update_summary,
     write_plots,
 )
+from pipeline.plan import TRAIN_KIND, TRAIN_SCHEMA_VERSION, Plan
 from pipeline.schedule import TrainingSchedule
 from pipeline.tr_dpo import TRDPOWindows
 
 log = logging.getLogger(__name__)
 
-KIND = "train"
-SCHEMA_VERSION = 1
+KIND, SCHEMA_VERSION = TRAIN_KIND, TRAIN_SCHEMA_VERSION
 FINAL_MODEL = "final_model"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_MARKER = "trainer_state.json"  # written last into a checkpoint: it is complete
 
-# Config fields that change the trained weights; each joins the run dir's fingerprint.
-LOSS_FIELDS = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
-               "reference_free", "use_weighting", "ld_alpha", "discopop_tau", "ipo_length_normalized")
-OPTIMISATION_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-                       "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
-                       "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
-                       "gradient_checkpointing", "seed")
-SYNC_FIELDS = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
 # Fault injection for the divergence guard's tests: the loss of this (1-based) step is made NaN.
 _INJECTED_NONFINITE_STEP = int(os.environ.get("DPO_PIPELINE_INJECT_NONFINITE_LOSS_AT_STEP", "0"))
 
@@ -122,39 +109,14 @@ __all__ = ["KIND", "SCHEMA_VERSION", "DPOTrainingRecipe", "read_summary", "train
 
 
 # ---------------------------------------------------------------------------------------------- run dir
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run reads and where it writes, from hashes of its inputs alone (no model work)."""
-
-    tokenized_dir: Path
-    tokenized_fingerprint: str
-    reference_dir: Path        # the reference stage's artifact for this config: the default for both splits
-    inputs: dict[str, Any]     # everything that changes the trained weights
-    fingerprint: str
-    run_dir: Path
-
-
-def plan_run(config: DPOPipelineConfig) -> RunPlan:
-    tokenized_fp = data.tokenized_fingerprint(config)
-    reference_dir = reference.reference_dir_for(config)
-    inputs = {
-        "tokenized": tokenized_fp,
-        # The reference artifact's content address: it covers the initial weights, where the policy starts.
-        "reference": reference_dir.name,
-        "loss": config.subset(*LOSS_FIELDS),
-        "optimisation": config.subset(*OPTIMISATION_FIELDS),
-        "deepspeed": load_ds_config(config.resolve_path(config.deepspeed)),
-        "sync": config.subset(*SYNC_FIELDS),
-    }
-    fp = expected_fingerprint(KIND, SCHEMA_VERSION, inputs)
-    return RunPlan(artifact_dir(config.output_path, data.KIND, tokenized_fp), tokenized_fp, reference_dir, inputs, fp,
-                   artifact_dir(config.output_path, KIND, fp))
+def plan_run(config: DPOPipelineConfig) -> Plan:
+    return Plan.of(config)
 
 
 def train_dir_for(config: DPOPipelineConfig) -> Path:
     """The run dir of ``config``: ``<output_dir>/train/<fingerprint[:16]>``. Another beta gives another dir;
     logging, eval and save intervals and the process count do not (a resume checks the process count)."""
-    return plan_run(config).run_dir
+    return Plan.of(config).train_dir
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -322,8 +284,8 @@ def _save_hf(module, state_dict, out: Path, tokenizer_dir: Path) -> None:
 class DPOTrainingRecipe:
     """One training run in ``run_dir``; every method is collective (all ranks call it) unless it says not."""
 
-    def __init__(self, config: DPOPipelineConfig, plan: RunPlan, *, train_reference_dir: Path | None = None):
-        self.config, self.plan, self.run_dir = config, plan, plan.run_dir
+    def __init__(self, config: DPOPipelineConfig, plan: Plan, *, train_reference_dir: Path | None = None):
+        self.config, self.plan, self.run_dir = config, plan, plan.train_dir
         self.world, self.rank = world_size(), rank()
         self.ds_config = resolve_ds_config(config, world=self.world)
         self.spec = config.loss_spec()
@@ -351,7 +313,7 @@ class DPOTrainingRecipe:
             self.eval.require(self.eval.ids, f"eval reference {self.reference_dirs['eval']}")
 
         self.checkpoint_root = self.run_dir / CHECKPOINTS
-        self.resume_key = {"world_size": self.world, **plan.inputs}
+        self.resume_key = {"world_size": self.world, **plan.train_inputs}
         self.resume_from = _newest_intact_checkpoint(self.checkpoint_root)
         if self.resume_from:
             self._check_resumable(self.resume_from[1])
@@ -621,7 +583,7 @@ class DPOTrainingRecipe:
             "eval_reward_margin": evaluation.get("eval_rewards/margins"),
             "train_metrics": train,
             "eval_metrics": evaluation,
-            "fingerprints": {"train": self.plan.fingerprint, "tokenized": self.plan.tokenized_fingerprint,
+            "fingerprints": {"train": self.plan.train_fingerprint, "tokenized": self.plan.tokenized_fingerprint,
                              **{f"reference_{split}": read_manifest(path, kind=reference.KIND, verify_files=False)[
                                  "fingerprint"] for split, path in self.reference_dirs.items()}},
             "paths": {"model": str(model_dir), "metrics": str(self.run_dir / METRICS_FILE), "plots": plots,
@@ -635,7 +597,7 @@ class DPOTrainingRecipe:
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         files = [str(p.relative_to(self.run_dir)) for p in sorted(model_dir.iterdir())]
         files += [METRICS_FILE, *(str(Path(p).relative_to(self.run_dir)) for p in plots.values())]
-        write_manifest(self.run_dir, kind=KIND, schema_version=SCHEMA_VERSION, inputs=self.plan.inputs,
+        write_manifest(self.run_dir, kind=KIND, schema_version=SCHEMA_VERSION, inputs=self.plan.train_inputs,
                        files=files, counts={"steps": self.schedule.num_steps, "train_examples": len(self.train.ids)},
                        model_path=str(model_dir), summary=SUMMARY_FILE)
 
@@ -651,10 +613,10 @@ def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None,
     exactly). At the end: ``final_model``, ``metrics.jsonl``, plots, ``summary.json`` and ``manifest.json``.
     A complete run dir is returned as is."""
     plan = plan_run(config)
-    run_dir = plan.run_dir
+    run_dir = plan.train_dir
     init_distributed(config)
-    check_ranks_agree(config, what={"train": plan.fingerprint, "tokenized": plan.tokenized_fingerprint})
-    if main_decides(lambda: is_complete(run_dir, kind=KIND, fingerprint=plan.fingerprint)):
+    check_ranks_agree(config, what={"train": plan.train_fingerprint, "tokenized": plan.tokenized_fingerprint})
+    if main_decides(lambda: is_complete(run_dir, kind=KIND, fingerprint=plan.train_fingerprint)):
         log.info("training run %s is complete (same inputs): nothing to do", run_dir)
         return run_dir
     started = time.perf_counter()

@@ -199,7 +199,7 @@ def test_two_nodes_of_one_rank_equal_one_node_of_two_ranks(make_config, tmp_path
             _two_nodes("reference", path)
             _two_nodes("train", path)
         results[layout] = (config, train_dir_for(config.model_copy(update={"num_processes": 1})))
-    (one, one_dir), (two, two_dir) = results["one-node"], results["two-nodes"]
+    (_, one_dir), (_, two_dir) = results["one-node"], results["two-nodes"]
     assert read_summary(one_dir)["world_size"] == read_summary(two_dir)["world_size"] == 2
     np.testing.assert_allclose(_losses(one_dir), _losses(two_dir), rtol=0, atol=1e-5)
     assert len(_losses(two_dir)) == SMALL["max_steps"]
@@ -313,7 +313,8 @@ def test_tr_dpo_on_two_nodes_equals_one_node_of_two_ranks(make_config, tmp_path)
     runs = {}
     for layout in ("one-node", "two-nodes"):
         config = _prepare(make_config, output_dir=str(tmp_path / layout), sync_ref_model=True,
-                          ref_model_sync_steps=2, max_steps=4, ref_model_mixup_alpha=0.5)
+                          ref_model_sync_steps=2, max_steps=4, ref_model_mixup_alpha=0.5,
+                          save_reference_versions=True)  # the versions' weights, gathered from the slices
         path = _saved(config, tmp_path, layout)
         if layout == "one-node":
             done = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
