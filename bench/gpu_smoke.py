@@ -175,7 +175,7 @@ def write_configs(work: Path, model_dir: Path, args: argparse.Namespace) -> tupl
     }
     tr_dpo = {**plain, "sync_ref_model": True, "ref_model_sync_steps": args.steps // 2}
     paths = work / "smoke.yaml", work / "smoke-trdpo.yaml"
-    for path, config in zip(paths, (plain, tr_dpo)):
+    for path, config in zip(paths, (plain, tr_dpo), strict=True):
         path.write_text(yaml.safe_dump(config, sort_keys=False))
     return paths
 
@@ -290,9 +290,9 @@ def print_table(result: dict) -> None:
 def smoke(work: Path, args: argparse.Namespace, result: dict) -> None:
     """Build, run every stage, check and measure; fills ``result`` as it goes (so a failure keeps what ran)."""
     from pipeline import reference, train
-    from pipeline.tr_dpo import window_dir
     from pipeline.config import load_config
     from pipeline.metrics import SUMMARY_FILE
+    from pipeline.tr_dpo import window_dir
 
     model_dir = work / f"model-{args.model_size}"
     shutil.rmtree(model_dir, ignore_errors=True)  # cheap to rebuild (seed 0) and never half-written

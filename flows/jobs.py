@@ -27,6 +27,7 @@ of this user (psutil), a few milliseconds, once per cancelled or crashed run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -124,10 +125,8 @@ def kill_flow_run_groups(flow_run_id: str, grace: float = 5.0) -> int:
             continue  # gone meanwhile, a zombie, or another user's process
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for leader in leaders:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(leader.pid, sig)
-            except ProcessLookupError:
-                pass
         if sig == signal.SIGTERM:
             psutil.wait_procs(leaders, timeout=grace)  # a launcher ends its ranks on SIGTERM; give it the chance
     return len(leaders)

@@ -290,7 +290,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> DPOPipelineConfig:
+def load_config(path: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> DPOPipelineConfig:
     """Read a YAML (or JSON) config, apply overrides and validate. Raises ConfigError naming the field."""
     values: dict[str, Any] = {}
     source = "(defaults)"

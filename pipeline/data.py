@@ -28,8 +28,8 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from importlib.metadata import version
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -398,10 +398,11 @@ class Encoder:
     def encode(self, pairs, wheres) -> list[dict[str, list[int]]]:
         """Token ids of a batch of (prompt, chosen, rejected): batched, as the tokenizer is several times
         faster on lists than row by row."""
-        texts = [self._render_pair(*pair, where) for pair, where in zip(pairs, wheres)] if self.chat else pairs
-        prompts, chosen, rejected = (list(column) for column in zip(*texts))
+        texts = ([self._render_pair(*pair, where) for pair, where in zip(pairs, wheres, strict=True)]
+                 if self.chat else pairs)
+        prompts, chosen, rejected = (list(column) for column in zip(*texts, strict=True))
         return [{"prompt": p, "chosen": self._with_eos(c), "rejected": self._with_eos(r)} for p, c, r in zip(
-            self._ids(prompts, not self.chat), self._ids(chosen, False), self._ids(rejected, False))]
+            self._ids(prompts, not self.chat), self._ids(chosen, False), self._ids(rejected, False), strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------- one split
@@ -483,7 +484,7 @@ def _add_row(columns: _Columns, stats: SplitStats, truncation: Truncation, examp
     if cut is None:
         stats.skip("prompt_exceeds_max_length", example_id)
         return
-    ids = dict(zip(FIELDS, cut))
+    ids = dict(zip(FIELDS, cut, strict=True))
     if ids["chosen"] == ids["rejected"]:
         stats.skip("identical_after_truncation", example_id)
         return
@@ -505,8 +506,8 @@ def tokenize_split(source: SplitSource, tokenizer, truncation: Truncation,
     encoder = None
     while chunk := list(islice(pairs, _ENCODE_ROWS)):
         encoder = encoder or Encoder(tokenizer, stats.format, model_dir, source.label)
-        example_ids, wheres, texts = zip(*chunk)
-        for example_id, full in zip(example_ids, encoder.encode(texts, wheres)):
+        example_ids, wheres, texts = zip(*chunk, strict=True)
+        for example_id, full in zip(example_ids, encoder.encode(texts, wheres), strict=True):
             _add_row(columns, stats, truncation, example_id, full)
     if stats.written == 0:
         raise DataError(f"{source.label}: no usable rows ({stats.read} read; skipped: "

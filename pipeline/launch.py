@@ -14,8 +14,9 @@ config names the model by its local path, resolved once before launching (:func:
 from __future__ import annotations
 
 import atexit
-import ctypes
 import collections
+import contextlib
+import ctypes
 import hashlib
 import os
 import signal
@@ -70,10 +71,8 @@ def _kill_group(pgid: int, grace: float = 5.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 atexit.register(kill_all_jobs)

@@ -639,7 +639,7 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
     variant_kwargs = {name: getattr(spec, name) for name in _VARIANT_FIELDS}
     total = 0.0
     metrics: dict[str, Tensor] = {}
-    for name, weight in zip(spec.loss_type, spec.weights):
+    for name, weight in zip(spec.loss_type, spec.weights, strict=True):
         # SFT is the NLL of the whole chosen completion, so it reads the raw sums, not the LD-DPO ones.
         logps = (policy.chosen, policy.rejected) if name == "sft" else (chosen, rejected)
         losses, _, _ = dpo_loss(*logps, ref_chosen, ref_rejected, loss_type=name, **variant_kwargs,

@@ -54,10 +54,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import psutil
 import torch
 from tqdm import tqdm
 
@@ -79,8 +79,8 @@ from pipeline.config import REPO_ROOT, DPOPipelineConfig
 from pipeline.distributed import (
     all_gather_objects,
     barrier,
-    device,
     check_ranks_agree,
+    device,
     init_distributed,
     is_main_process,
     load_ds_config,
@@ -411,7 +411,8 @@ def _inference_ds_config(config: DPOPipelineConfig, model_dir: Path) -> dict[str
     stage = config.reference_zero_stage
     if stage == "auto":
         stage = 0 if _fits_one_device(config, model_dir) else 3
-    if stage == 3 and (config.deepspeed is None or zero_stage(load_ds_config(config.resolve_path(config.deepspeed))) != 3):
+    configured = load_ds_config(config.resolve_path(config.deepspeed))
+    if stage == 3 and zero_stage(configured) != 3:
         config = config.model_copy(update={"deepspeed": str(DEFAULT_DS_CONFIG)})
     ds = resolve_ds_config(config, world=world_size(), inference=True)
     if stage == 0:

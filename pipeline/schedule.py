@@ -38,10 +38,7 @@ class TrainingSchedule:
 
             raise ConfigError(f"per_device_train_batch_size: the global batch ({global_batch}) is larger than "
                               f"the train split ({len(ids)} examples)")
-        if config.max_steps > 0:
-            steps = config.max_steps
-        else:
-            steps = math.ceil(config.num_train_epochs * steps_per_epoch)
+        steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
         return cls(ids, global_batch, steps, config.seed)
 
     @property

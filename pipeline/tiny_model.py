@@ -110,7 +110,7 @@ def ensure_model(path: Path, name: str | None = None) -> Path:
         if not any(local.glob("*.safetensors")):
             local = Path(snapshot_download(name, allow_patterns=[*metadata, "*.bin"]))
         return local
-    except Exception as exc:  # network, auth or missing repo: all mean "this model cannot be had here"
+    except Exception as exc:  # noqa: BLE001 -- network, auth or missing repo: "this model cannot be had here"
         raise ConfigError(f"model_name_or_path: '{name}' is not a local directory and could not be fetched from "
                           f"the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 

@@ -429,7 +429,8 @@ class DPOTrainingRecipe:
         latest = _checkpoints(self.checkpoint_root)
         resume = (f"the newest checkpoint is {latest[-1][1]} (step {latest[-1][0]}); a rerun resumes there"
                   if latest else "there is no checkpoint yet; a rerun starts over")
-        raise TrainingDiverged(f"step {record['step']}: non-finite {' and '.join(f'{k} ({v})' for k, v in bad.items())}; "
+        what = " and ".join(f"{name} ({value})" for name, value in bad.items())
+        raise TrainingDiverged(f"step {record['step']}: non-finite {what}; "
                                f"stopped before saving. {resume}. Lower learning_rate, check bf16 / attention "
                                f"(attn_implementation) or the data, then rerun")
 

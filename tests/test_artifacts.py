@@ -3,9 +3,16 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.artifacts import (atomic_path, expected_fingerprint, fingerprint, is_complete, model_weights_hash,
-                                read_manifest,
-                                write_manifest, write_parquet)
+from pipeline.artifacts import (
+    atomic_path,
+    expected_fingerprint,
+    fingerprint,
+    is_complete,
+    model_weights_hash,
+    read_manifest,
+    write_manifest,
+    write_parquet,
+)
 from pipeline.errors import ArtifactError
 
 

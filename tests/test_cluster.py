@@ -216,7 +216,8 @@ def test_deepspeed_launcher_with_two_ranks_as_documented(make_config, tmp_path):
     config = _prepare(make_config, output_dir=str(tmp_path / "out"))
     reference_stage(config)
     path = _saved(config, tmp_path, "cfg")
-    done = _cli([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(distributed.free_port()),
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    done = _cli([launcher, "--num_gpus", "2", "--master_port", str(distributed.free_port()),
                  "--module", "pipeline.cli", "train", "--config", str(path)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert read_summary(train_dir_for(config))["world_size"] == 2

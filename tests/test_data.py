@@ -104,7 +104,7 @@ def test_standard_rows_schema_and_manifest(tokenized_dir, tokenizer, make_config
     rows = train.to_pylist()
     assert [r["example_id"] for r in rows] == list(range(len(source)))  # shipped rows: none skipped
     eos = tokenizer.eos_token_id
-    for row, raw in zip(rows[:5], source):
+    for row, raw in zip(rows[:5], source, strict=True):
         assert row["prompt_input_ids"] == tokenizer(raw["prompt"])["input_ids"]
         assert row["prompt_input_ids"][0] == tokenizer.bos_token_id
         assert row["chosen_input_ids"] == tokenizer(raw["chosen"], add_special_tokens=False)["input_ids"] + [eos]
@@ -133,7 +133,7 @@ def test_conversational_rows_render_with_chat_template(make_config, tokenizer, t
     out = tokenize_stage(make_config(dataset_name=str(data.parent), max_length=256, max_prompt_length=128))
     got = load_tokenized(out, "train").to_pylist()
     assert tokenized_manifest(out)["dataset"]["train"]["format"] == "conversational"
-    for row, raw in zip(got, rows):
+    for row, raw in zip(got, rows, strict=True):
         prompt_text = tokenizer.apply_chat_template(raw["prompt"], add_generation_prompt=True, tokenize=False)
         assert row["prompt_input_ids"] == tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         assert row["prompt_input_ids"].count(tokenizer.bos_token_id) == 1  # the template's BOS, not doubled

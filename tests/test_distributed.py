@@ -19,7 +19,8 @@ def config(**overrides):
 def test_shipped_configs_fill_auto(name, stage):
     ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / name)), world=2)
     assert zero_stage(ds) == stage
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 16)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (4, 2, 16)
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
     assert "auto" not in json.dumps(ds)
     if "offload" in name:

@@ -14,8 +14,14 @@ import pyarrow as pa
 import pytest
 
 from pipeline import cli
-from pipeline.artifacts import (atomic_write_text, expected_fingerprint, is_complete, read_manifest, write_manifest,
-                                write_parquet)
+from pipeline.artifacts import (
+    atomic_write_text,
+    expected_fingerprint,
+    is_complete,
+    read_manifest,
+    write_manifest,
+    write_parquet,
+)
 from pipeline.config import save_config
 from pipeline.errors import ArtifactError, StorageError
 from pipeline.launch import JobFailed, run_stage

@@ -32,7 +32,7 @@ def test_matches_an_unpadded_forward(tiny_model_dir):
                  for side in ("chosen_input_ids", "rejected_input_ids") for r in rows]
     torch.testing.assert_close(out.logps, torch.stack([t.sum() for t in naive]), rtol=1e-5, atol=1e-5)
     public = [min(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows] * 2
-    torch.testing.assert_close(out.public_logps, torch.stack([t[:k].sum() for t, k in zip(naive, public)]),
+    torch.testing.assert_close(out.public_logps, torch.stack([t[:k].sum() for t, k in zip(naive, public, strict=True)]),
                                rtol=1e-5, atol=1e-5)
     assert out.lengths.tolist() == [len(r[s]) for s in ("chosen_input_ids", "rejected_input_ids") for r in rows]
     assert out.wpo_log_weights.shape == (12,) and torch.isfinite(out.wpo_log_weights).all()

@@ -255,7 +255,7 @@ def test_metrics():
     close(metrics["rewards/rejected"], (BETA * (pr - rr)).mean())
     close(metrics["rewards/margins"], (BETA * ((pc - rc) - (pr - rr))).mean())
     close(metrics["rewards/accuracies"], torch.tensor(sum(
-        float(w > l) for w, l in zip((pc - rc).tolist(), (pr - rr).tolist())) / B, dtype=F64))
+        float(w > lose) for w, lose in zip((pc - rc).tolist(), (pr - rr).tolist(), strict=True)) / B, dtype=F64))
     close(metrics["logps/chosen"], pc.mean())
     close(metrics["logps/rejected"], pr.mean())
 
@@ -328,7 +328,7 @@ def test_bco_state_round_trip():
     resumed = LossState()
     resumed.load_state_dict(saved)
     assert resumed.state_dict() == first.state_dict()
-    for a, b in zip(run_bco(resumed, batches[2:], spec), uninterrupted[2:]):
+    for a, b in zip(run_bco(resumed, batches[2:], spec), uninterrupted[2:], strict=True):
         close(a, b)
 
 

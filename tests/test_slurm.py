@@ -17,6 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun
+from prefect.logging.handlers import APILogHandler
+from prefect.states import Cancelled
+
 # test_flows first: it gives Prefect its own home before anything imports Prefect.
 from test_flows import (
     DEFAULT_CONFIG,
@@ -30,11 +36,6 @@ from test_flows import (
     trigger,
     wait_until,
 )
-from prefect import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-from prefect.client.schemas.objects import FlowRun
-from prefect.logging.handlers import APILogHandler
-from prefect.states import Cancelled
 
 from flows.jobs import stop_flow_run_jobs
 from flows.pipeline_flow import dpo_pipeline

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from pipeline import data, reference, tr_dpo, train
 from pipeline.artifacts import MANIFEST, model_weights_hash, read_manifest
 from pipeline.config import REPO_ROOT, load_config, save_config
-from pipeline.errors import ArtifactError, ConfigError
 from pipeline.distributed import free_port
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.launch import job_environment
 from pipeline.logprobs import collate_pairs, completion_logps
 from pipeline.losses import LossState, PairLogps, compute_loss

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -143,7 +144,7 @@ def test_run_writes_metrics_model_plots_and_summary(prepared, dropout_model_dir)
     assert summary["train_loss"] == train_rows[-1]["loss"]
     assert summary["fingerprints"]["reference_train"].startswith(reference_dir_for(config).name)
     for path in summary["paths"]["plots"].values():
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = AutoModelForCausalLM.from_pretrained(summary["paths"]["model"])
     AutoTokenizer.from_pretrained(summary["paths"]["model"])
     initial = AutoModelForCausalLM.from_pretrained(dropout_model_dir)
