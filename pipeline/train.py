@@ -39,6 +39,8 @@ final model is plain Hugging Face. Under bf16 the final model holds the module's
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -249,6 +251,27 @@ def _newest_intact_checkpoint(root: Path) -> tuple[int, Path] | None:
             log.warning("checkpoint %s is damaged (%s); resuming from the one before it", path,
                         f"{damaged[0]} does not match its recorded digest" if damaged else "no file digests")
     return None
+
+
+# Below this much free space, a failed torch.save is taken for a full disk.
+_NEARLY_FULL_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _checkpoint_storage(directory: Path):
+    """Storage faults of a checkpoint write as one line (:class:`pipeline.errors.StorageError`). ``torch.save``
+    reports a failed write as a ``RuntimeError`` of its zip writer and loses the ``OSError``: with the disk
+    (nearly) full that is ENOSPC; any other such failure keeps its traceback."""
+    with storage_errors(directory):
+        try:
+            yield
+        except RuntimeError as exc:
+            if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+                raise
+            existing = next(p for p in (directory, *directory.parents) if p.exists())
+            if shutil.disk_usage(existing).free >= _NEARLY_FULL_BYTES:
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory)) from exc
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -505,15 +528,15 @@ class DPOTrainingRecipe:
         client = {"step": self.step, "loss_state": self.loss_state.state_dict()}
         if self.tr_dpo is not None:
             client["tr_dpo"] = self.tr_dpo.state()
-        with storage_errors(directory):
-            self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False, client_state=client)
-        if self.tr_dpo is not None:
-            self.tr_dpo.slices.save(directory)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        with atomic_path(directory / f"rng-rank{self.rank}.pt") as tmp:
-            torch.save(rng, tmp)
+        with _checkpoint_storage(directory):
+            self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False, client_state=client)
+            if self.tr_dpo is not None:
+                self.tr_dpo.slices.save(directory)
+            with atomic_path(directory / f"rng-rank{self.rank}.pt") as tmp:
+                torch.save(rng, tmp)
         barrier()
         names = main_decides(lambda: sorted(p.name for p in directory.iterdir()
                                             if p.is_file() and not p.name.startswith(".tmp-")))

@@ -261,19 +261,22 @@ def test_a_node_that_does_not_see_the_completion_marker_follows_rank_0(make_conf
 
 
 @pytest.mark.slow
-def test_two_nodes_with_different_configs_are_refused_before_any_model_work(make_config, tmp_path):
+def test_two_c10d_nodes_with_different_configs_are_refused_before_any_model_work(make_config, tmp_path):
     config = _prepare(make_config, output_dir=str(tmp_path / "out"))
     reference_stage(config)
     path, other = _saved(config, tmp_path, "cfg"), _saved(config.model_copy(update={"beta": 0.5}), tmp_path, "b")
-    port = str(distributed.free_port())
+    endpoint = f"127.0.0.1:{distributed.free_port()}"  # c10d rendezvous here (the others use a static master)
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
-                               str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-                               "-m", "pipeline.cli", "train", "--config", str(cfg)], cwd=REPO_ROOT,
+                               str(node), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                               endpoint, "--rdzv_id", "configs", "-m", "pipeline.cli", "train", "--config", str(cfg)],
+                              cwd=REPO_ROOT,
                               env={**launch.job_environment(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for node, cfg in ((0, path), (1, other))]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode != 0 for p in procs)
-    assert any("rank 1 on" in out and "runs another config than rank 0" in out and "beta=0.5 there" in out
+    # c10d assigns ranks by arrival: either node may be rank 0, the message names the other one's beta.
+    assert any("rank 1 on" in out and "runs another config than rank 0" in out and
+               ("beta=0.5 there, 0.1 on rank 0" in out or "beta=0.1 there, 0.5 on rank 0" in out)
                for out in outputs), outputs
 
 

@@ -22,9 +22,9 @@ from pipeline.artifacts import (
     write_manifest,
     write_parquet,
 )
-from pipeline.config import save_config
+from pipeline.config import REPO_ROOT, save_config
 from pipeline.errors import ArtifactError, StorageError
-from pipeline.launch import JobFailed, run_stage
+from pipeline.launch import JobFailed, job_environment, run_stage
 from pipeline.lock import output_dir_lock
 from pipeline.metrics import MetricsLog
 
@@ -220,3 +220,51 @@ def test_a_stage_job_refused_by_storage_is_not_worth_a_retry(make_config, tokeni
     assert headline.startswith("dpo-pipeline reference: error: cannot write ")
     assert f"{config.output_path / 'reference'} is a file, not a directory" in headline
 
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_training_checkpoint_is_one_line_and_the_rerun_is_exact(make_config, tmp_path):
+    """Training on a 48 MiB tmpfs filled up to its last MiB before the step-2 checkpoint: one line, exit 2, no
+    traceback, the previous state intact; after freeing space the rerun ends at the uninterrupted weights."""
+    from safetensors.torch import load_file
+
+    from pipeline.data import tokenize_stage
+    from pipeline.reference import reference_stage
+    from pipeline.train import train_dir_for, train_stage
+
+    settings = dict(max_steps=4, save_steps=2, eval_steps=None, deepspeed=str(REPO_ROOT / "configs" / "ds_zero2.json"))
+    uninterrupted = make_config(output_dir=str(tmp_path / "uninterrupted"), **settings)
+    tokenize_stage(uninterrupted)
+    reference_stage(uninterrupted)
+    expected = load_file(train_stage(uninterrupted) / "final_model" / "model.safetensors")
+
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        config = make_config(output_dir=str(mount / "out"), **settings)
+        tokenize_stage(config)
+        reference_stage(config)
+        save_config(config, tmp_path / "config.yaml")
+        ballast = mount / "ballast"
+        fill(mount)
+        (mount / "filler").rename(ballast)
+        with open(ballast, "r+b") as handle:  # give back 1 MiB: metrics fit, a checkpoint (~3 MiB) does not
+            handle.truncate(ballast.stat().st_size - (1 << 20))
+        def train() -> subprocess.CompletedProcess:  # without the rank variables of this test process
+            return subprocess.run([DPO_PIPELINE, "train", "--config", str(tmp_path / "config.yaml")], text=True,
+                                  capture_output=True, timeout=300, env={**job_environment(), "OMP_NUM_THREADS": "1"})
+
+        done = train()
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        line = one_error_line(done, "train")
+        assert "no space left on" in line and "checkpoints" in line and "free space there" in line
+        run_dir = train_dir_for(config)
+        assert not (run_dir / "checkpoints" / "step-2" / "trainer_state.json").exists()
+        ballast.unlink()
+        assert train().returncode == 0
+        final = load_file(run_dir / "final_model" / "model.safetensors")
+        assert all((final[name] == expected[name]).all() for name in expected)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
