@@ -72,7 +72,7 @@ from prefect.states import Crashed
 from pipeline.artifacts import storage_errors
 from pipeline.distributed import free_port
 from pipeline.errors import PipelineError
-from pipeline.launch import _die_with_parent
+from pipeline.launch import die_with_parent
 
 SERVER_DIR = "prefect"
 # The first start migrates a fresh SQLite database: on a busy 2-core machine that takes longer than Prefect's
@@ -157,7 +157,7 @@ def temporary_api(output_dir: Path) -> Iterator[str]:
             handle.flush()
             proc = subprocess.Popen(command, env=_server_environment(home), stdin=subprocess.DEVNULL,
                                     stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
     try:
         _wait_healthy(proc, url, log)
         with _api_url(url):

@@ -238,13 +238,6 @@ class DPOPipelineConfig(BaseModel):
             return path.resolve()
         return (REPO_ROOT / path).resolve()
 
-    def model_dir(self) -> Path:
-        """Local directory of ``model_name_or_path``: a directory, the default tiny model (built when missing)
-        or a Hugging Face Hub snapshot. The tokenizer and the reference come from this one directory."""
-        from pipeline.tiny_model import ensure_model
-
-        return ensure_model(self.resolve_path(self.model_name_or_path), self.model_name_or_path)
-
     @property
     def output_path(self) -> Path:
         path = Path(self.output_dir).expanduser()

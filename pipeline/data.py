@@ -52,6 +52,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import DPOPipelineConfig
 from pipeline.errors import ArtifactError, ConfigError, DataError
+from pipeline.models import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +543,7 @@ def _inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[str, Split
 def tokenized_fingerprint(config: DPOPipelineConfig, *, model_dir: Path | None = None) -> str:
     """The fingerprint of the artifact ``config`` gives, computed from the inputs alone (no tokenizing)."""
     return expected_fingerprint(KIND, SCHEMA_VERSION,
-                                _inputs(config, model_dir or config.model_dir(), resolve_sources(config)))
+                                _inputs(config, model_dir or resolve_model_dir(config), resolve_sources(config)))
 
 
 def _load_tokenizer(model_dir: Path):
@@ -564,7 +565,7 @@ def _token_ids(tokenizer) -> dict[str, int | None]:
 
 def tokenize_stage(config: DPOPipelineConfig) -> Path:
     """Build (or reuse, if an artifact with the same fingerprint is complete) the tokenized artifact; return its dir."""
-    model_dir = config.model_dir()
+    model_dir = resolve_model_dir(config)
     sources = resolve_sources(config)
     inputs = _inputs(config, model_dir, sources)
     fp = expected_fingerprint(KIND, SCHEMA_VERSION, inputs)

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.models import resolve_model_dir
 
 T = TypeVar("T")
 
@@ -368,7 +369,7 @@ def _fill_bucket_sizes(ds: dict, config) -> None:
         return
     from transformers import AutoConfig
 
-    model_dir = config.model_dir()
+    model_dir = resolve_model_dir(config)
     model_config = AutoConfig.from_pretrained(model_dir).get_text_config()
     hidden = getattr(model_config, "hidden_size", None) or max(getattr(model_config, "hidden_sizes", None) or [0])
     if not hidden:

@@ -32,6 +32,7 @@ from pipeline.artifacts import storage_errors
 from pipeline.config import DPOPipelineConfig, save_config
 from pipeline.distributed import NO_LAUNCHER, RANK_VARIABLES, free_port, gpu_count, on_gpu, use_device
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.models import resolve_model_dir
 
 _LIVE_GROUPS: set[int] = set()
 _LOCK = threading.Lock()
@@ -78,7 +79,7 @@ def _kill_group(pgid: int, grace: float = 5.0) -> None:
 atexit.register(kill_all_jobs)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the process that started the job dies, even by SIGKILL.
 
     The job runs in its own session (so one killpg ends it), which also cuts it off from its parent's fate; a
@@ -169,7 +170,7 @@ def job_config(config: DPOPipelineConfig) -> DPOPipelineConfig:
     from pipeline.data import resolve_sources
 
     resolve_sources(config)  # a Hub dataset lands in the datasets cache here, once
-    return config.model_copy(update={"model_name_or_path": str(config.model_dir())})
+    return config.model_copy(update={"model_name_or_path": str(resolve_model_dir(config))})
 
 
 def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable[[str], None] | None = None,
@@ -180,7 +181,7 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
         log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=job_environment(), start_new_session=True, preexec_fn=_die_with_parent)
+                            env=job_environment(), start_new_session=True, preexec_fn=die_with_parent)
     with _LOCK:
         _LIVE_GROUPS.add(proc.pid)
     timer = threading.Timer(timeout, _kill_group, args=(proc.pid,)) if timeout else None

@@ -27,6 +27,7 @@ from pipeline import data, reference
 from pipeline.artifacts import artifact_dir, expected_fingerprint
 from pipeline.config import FIELD_NAMES, DPOPipelineConfig
 from pipeline.distributed import load_ds_config
+from pipeline.models import resolve_model_dir
 
 TRAIN_KIND = "train"
 TRAIN_SCHEMA_VERSION = 2
@@ -72,7 +73,7 @@ class Plan:
 
     @classmethod
     def of(cls, config: DPOPipelineConfig) -> Plan:
-        model_dir = config.model_dir()
+        model_dir = resolve_model_dir(config)
         tokenized_fp = data.tokenized_fingerprint(config, model_dir=model_dir)
         reference_dir = reference.reference_dir_for(config, tokenized_fingerprint=tokenized_fp, model_dir=model_dir)
         inputs = {

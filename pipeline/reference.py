@@ -94,6 +94,7 @@ from pipeline.distributed import (
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.logprobs import collate_pairs, completion_logps
 from pipeline.losses import PairLogps
+from pipeline.models import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class _StagePlan:
 
 def _stage_plan(config: DPOPipelineConfig, *, tokenized_fingerprint: str | None = None,
                 model_dir: Path | None = None) -> _StagePlan:
-    model_dir = model_dir or config.model_dir()
+    model_dir = model_dir or resolve_model_dir(config)
     tokenized_fp = tokenized_fingerprint or data.tokenized_fingerprint(config, model_dir=model_dir)
     splits = _stage_splits(config)
     inputs = _inputs(tokenized_fingerprint=tokenized_fp, weights_hash=model_weights_hash(model_dir),

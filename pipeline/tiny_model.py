@@ -87,33 +87,5 @@ def build_tiny_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, corpus_files=DE
     return out_dir
 
 
-def ensure_model(path: Path, name: str | None = None) -> Path:
-    """The local model directory for ``model_name_or_path``.
-
-    An existing directory is used as is; the default tiny model is built when missing; any other name is fetched
-    from the Hugging Face Hub (``snapshot_download``, cached), which fails with a clear error offline."""
-    from pipeline.errors import ConfigError
-
-    if path.exists():
-        return path
-    if path.resolve() == DEFAULT_MODEL_DIR.resolve():
-        return build_tiny_model(path)
-    if name is None or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ConfigError(f"model_name_or_path: model directory not found: {path}")
-    from huggingface_hub import snapshot_download
-
-    # Only what from_pretrained loads: a snapshot often holds the same weights as .bin and .safetensors (and
-    # sometimes GGUF or ONNX copies), which would double the download and every later hash.
-    metadata = ["*.json", "*.txt", "*.model", "*.jinja", "*.py"]
-    try:
-        local = Path(snapshot_download(name, allow_patterns=[*metadata, "*.safetensors"]))
-        if not any(local.glob("*.safetensors")):
-            local = Path(snapshot_download(name, allow_patterns=[*metadata, "*.bin"]))
-        return local
-    except Exception as exc:  # noqa: BLE001 -- network, auth or missing repo: "this model cannot be had here"
-        raise ConfigError(f"model_name_or_path: '{name}' is not a local directory and could not be fetched from "
-                          f"the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-
-
 if __name__ == "__main__":
     print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL_DIR))

@@ -92,6 +92,7 @@ from pipeline.metrics import (
     update_summary,
     write_plots,
 )
+from pipeline.models import resolve_model_dir
 from pipeline.plan import TRAIN_KIND, TRAIN_SCHEMA_VERSION, Plan
 from pipeline.schedule import TrainingSchedule
 from pipeline.tr_dpo import TRDPOWindows
@@ -312,7 +313,7 @@ class DPOTrainingRecipe:
         self.world, self.rank = world_size(), rank()
         self.ds_config = resolve_ds_config(config, world=self.world)
         self.spec = config.loss_spec()
-        self.model_dir = config.model_dir()
+        self.model_dir = resolve_model_dir(config)
         data.require_tokenized(plan.tokenized_dir)
         tokenized = data.tokenized_manifest(plan.tokenized_dir, fingerprint=plan.tokenized_fingerprint)
         pad = int(tokenized["pad_token_id"])

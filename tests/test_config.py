@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.config import REPO_ROOT, load_config, parse_override
 from pipeline.errors import ConfigError
+from pipeline.models import resolve_model_dir
 
 
 def write(tmp_path, text):
@@ -115,11 +116,11 @@ def test_relative_paths_resolve_against_the_repository(tmp_path, monkeypatch):
 
 def test_model_dir_refuses_missing_paths_and_unreachable_hub_names(tmp_path):
     with pytest.raises(ConfigError, match="model directory not found"):
-        load_config(None, {"model_name_or_path": str(tmp_path / "missing")}).model_dir()
+        resolve_model_dir(load_config(None, {"model_name_or_path": str(tmp_path / "missing")}))
     # conftest sets HF_HUB_OFFLINE=1: a hub name fails at once with a message that says what was tried.
     with pytest.raises(ConfigError, match="could not be fetched from the Hugging Face Hub"):
-        load_config(None, {"model_name_or_path": "nobody/no-such-model"}).model_dir()
+        resolve_model_dir(load_config(None, {"model_name_or_path": "nobody/no-such-model"}))
 
 
 def test_model_dir_uses_an_existing_directory(tiny_model_dir):
-    assert load_config(None, {"model_name_or_path": str(tiny_model_dir)}).model_dir() == tiny_model_dir
+    assert resolve_model_dir(load_config(None, {"model_name_or_path": str(tiny_model_dir)})) == tiny_model_dir

@@ -104,7 +104,7 @@ def test_standard_rows_schema_and_manifest(tokenized_dir, tokenizer, make_config
     rows = train.to_pylist()
     assert [r["example_id"] for r in rows] == list(range(len(source)))  # shipped rows: none skipped
     eos = tokenizer.eos_token_id
-    for row, raw in zip(rows[:5], source, strict=True):
+    for row, raw in zip(rows[:5], source[:5], strict=True):
         assert row["prompt_input_ids"] == tokenizer(raw["prompt"])["input_ids"]
         assert row["prompt_input_ids"][0] == tokenizer.bos_token_id
         assert row["chosen_input_ids"] == tokenizer(raw["chosen"], add_special_tokens=False)["input_ids"] + [eos]
