@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from pipeline.errors import ConfigError
 
-# Resolved relative paths in a config (model, dataset, output, deepspeed) are relative to the repository root
-# when they exist there, so `dpo-pipeline ... --config configs/default.yaml` works from any directory.
+# A relative model, dataset, deepspeed or hostfile path is taken from the working directory when it exists there,
+# else from the repository root, so `dpo-pipeline ... --config configs/default.yaml` works from any directory.
+# output_dir is always relative to the working directory (``output_path``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")

@@ -117,8 +117,8 @@ class Truncation:
            ``prompt_exceeds_max_length``.
 
         Completions always keep their start, the tokens that directly follow the prompt (a cut completion has
-        no EOS). This is the original DPO repository's rule: the prompt first by mode, then completions keep
-        their start.
+        no EOS). The original DPO repository differs: it cuts the prompt only when the pair is too long, and then
+        gives completions ``max_length - max_prompt_length``.
         """
         if self.max_prompt_length is not None and len(prompt) > self.max_prompt_length:
             keep_start = self.truncation_mode == "keep_start"
