@@ -2,7 +2,7 @@
 
     dpo-pipeline train --config cfg.yaml                                     # 1 process
     dpo-pipeline train --config cfg.yaml num_processes=2 deepspeed=configs/ds_zero3.json
-    deepspeed --hostfile hostfile --module pipeline.cli train --config cfg.yaml   # multi-node
+    deepspeed --hostfile hostfile --module pipeline.cli train --config cfg.yaml   # multi-node (README: every launcher)
 
 One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
 
@@ -10,7 +10,9 @@ One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
    conflicts refused by :func:`pipeline.distributed.resolve_ds_config`); the tokenized artifact; each reference
    artifact was made from exactly this tokenized artifact (and, for the default one, scored with the policy's
    initial weights), has no NaN/inf and no duplicate ids, and holds every example id the steps will read; a
-   checkpoint to resume from was made with this config and world size.
+   checkpoint to resume from was made with this config and world size, and every file still has the digest
+   its marker recorded (else the one before it is used). Every rank checks it runs rank 0's config on rank 0's
+   artifacts, and rank 0 decides what is complete and where to resume (:func:`pipeline.distributed.main_decides`).
 2. **Policy**: ``from_pretrained`` with every dropout probability set to 0 (loaded already partitioned under
    ZeRO-3 through ``HfDeepSpeedConfig``), torch AdamW (no JIT compile; the ds_config's ``optimizer`` section
    wins when present), transformers' warmup + linear/cosine/constant schedule as a LambdaLR stepped by
@@ -20,13 +22,17 @@ One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
    is one forward over chosen and rejected together through :func:`pipeline.logprobs.completion_logps`, the
    function the reference pass used (so step 0 with policy == reference gives exactly ln 2), then
    :func:`pipeline.losses.compute_loss` (every variant, MPO sums). DeepSpeed averages the gradient over
-   accumulation and ranks, clips it and steps optimizer and schedule.
-4. **Metrics**: global-batch means (one small all-reduce per step) to ``metrics.jsonl``, a progress bar, and an
-   evaluation of the held-out split every ``eval_steps`` and at the end (reward accuracy and margins).
+   accumulation and ranks, clips it and steps optimizer and schedule. Under TR-DPO a step that opens a window
+   first syncs the reference and scores the window (:mod:`pipeline.tr_dpo`), in this engine.
+4. **Metrics**: global-batch means (summed on the engine's device, one all-reduce and one host transfer per
+   step) to ``metrics.jsonl``, a progress bar, and an evaluation of the held-out split every ``eval_steps`` and
+   at the end (reward accuracy and margins). A non-finite loss or gradient norm stops the run before anything
+   is saved (:class:`pipeline.errors.TrainingDiverged`, naming the step and the checkpoint to resume from).
 5. **Checkpoints** every ``save_steps`` (and at ``stop_step``): DeepSpeed's (weights, optimizer, LR schedule,
-   with the step and the loss state as client state), per-rank RNG, and ``trainer_state.json`` written last
-   as the completion marker. A rerun resumes from the newest complete one and ends bit-for-bit where an
-   uninterrupted run ends. Only ``save_total_limit`` checkpoints are kept.
+   with the step and the loss state as client state), per-rank RNG (and TR-DPO's reference slices), and
+   ``trainer_state.json`` written last as the completion marker, with every file's digest. A rerun resumes
+   from the newest intact one and ends bit-for-bit where an uninterrupted run ends. Only ``save_total_limit``
+   checkpoints are kept, pruned after the new one's marker is written.
 6. **End**: ``final_model`` (``save_pretrained``, safetensors, consolidated under ZeRO-3, plus the tokenizer),
    plots and ``summary.json`` (:mod:`pipeline.metrics`), and ``manifest.json`` last.
 
