@@ -4,7 +4,8 @@
   Prefect task's log, except the refreshes of the stage's own tqdm bar (described by the stage's name:
   ``train:  45%|...``; one line per refresh, because the launcher reads the pipe in text mode, which turns
   tqdm's carriage returns into line ends). Those drive a progress artifact instead, updated (and logged) every
-  :data:`PROGRESS_STEP` percent, so a long stage costs a few dozen API calls, not thousands.
+  :data:`PROGRESS_STEP` percent, and every :data:`PROGRESS_SECONDS` while the bar moves, so a long stage costs
+  about two API calls a minute, not one per step, and its log still shows the current step.
 * :func:`stop_flow_run_jobs` is the flow's ``on_cancellation`` / ``on_crashed`` hook. It ends the jobs this
   process started (:func:`pipeline.launch.kill_all_jobs`) and every other process group whose leader carries
   the flow run's id in its environment. The second part matters for deployments: there the runner (worker or
@@ -31,6 +32,7 @@ import contextlib
 import os
 import re
 import signal
+import time
 
 import psutil
 from prefect import get_run_logger
@@ -42,6 +44,7 @@ from pipeline import slurm
 from pipeline.launch import kill_all_jobs
 
 PROGRESS_STEP = 5.0  # percent between two updates of a progress artifact
+PROGRESS_SECONDS = 30.0  # and at least this often while a bar moves: a long run shows its step in the log
 # tqdm's default bar: "<desc>: <percent>%|<bar>| <n>/<total> [...]"
 _TQDM = re.compile(r"^\s*(?P<desc>[\w .-]*?):\s+(?P<percent>\d{1,3})%\|")
 
@@ -69,6 +72,7 @@ class JobOutput:
         os.environ["PREFECT__FLOW_RUN_ID"] = current_flow_run.get_id()
         self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
         self.shown: float | None = None  # the percentage last shown; None until the bar first appears
+        self.shown_at = time.monotonic()
         self.windows: list[dict[str, str]] = []  # TR-DPO windows started so far, with the loss each ended at
         self.key = key
 
@@ -84,8 +88,9 @@ class JobOutput:
         if self.windows and (loss := _LOSS.search(line)):
             self.windows[-1]["loss"] = loss["loss"]
         percent = progress[1]
-        if self.shown is None or percent >= self.shown + PROGRESS_STEP or (percent == 100.0 > self.shown):
-            self.shown = percent
+        due = time.monotonic() - self.shown_at >= PROGRESS_SECONDS
+        if self.shown is None or percent >= self.shown + PROGRESS_STEP or (percent == 100.0 > self.shown) or due:
+            self.shown, self.shown_at = percent, time.monotonic()
             update_progress_artifact(self.artifact_id, progress=percent)
             self.logger.info(line)
 
