@@ -49,8 +49,11 @@ def start_run(config_file: Path, log: Path) -> subprocess.Popen:
     """``dpo-pipeline run`` as a terminal would start it: leader of its own process group."""
     env = {**{k: v for k, v in os.environ.items() if k != LOCK_HELD}, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as handle:
+        # SIGINT as a terminal leaves it: a runner started in the background (`cmd &` in a script) passes an
+        # ignored SIGINT down to every child, and Python then installs no KeyboardInterrupt handler.
         return subprocess.Popen([DPO_PIPELINE, "run", "--config", str(config_file)], env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
