@@ -80,12 +80,13 @@ def prepare_environment() -> None:
     if not on_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     present = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if name in os.environ]
-    if present and "RANK" in present and "WORLD_SIZE" in present:
-        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"] if os.environ["WORLD_SIZE"] == "1" else "")
-        if not os.environ["LOCAL_RANK"]:
-            raise ConfigError(f"launcher environment on {socket.gethostname()}: RANK={os.environ['RANK']} and "
-                              f"WORLD_SIZE={os.environ['WORLD_SIZE']} are set but LOCAL_RANK is not; start the "
-                              f"job with torchrun, the deepspeed launcher, srun or mpirun")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if "LOCAL_RANK" not in os.environ:
+            if os.environ["WORLD_SIZE"] != "1":
+                raise ConfigError(f"launcher environment on {socket.gethostname()}: RANK={os.environ['RANK']} and "
+                                  f"WORLD_SIZE={os.environ['WORLD_SIZE']} are set but LOCAL_RANK is not; start "
+                                  f"the job with torchrun, the deepspeed launcher, srun or mpirun")
+            os.environ["LOCAL_RANK"] = os.environ["RANK"]  # rank 0 of 1: its own local rank
         return
     if present and NO_LAUNCHER not in os.environ:
         missing = [name for name in ("RANK", "WORLD_SIZE") if name not in present]

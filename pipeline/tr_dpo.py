@@ -293,6 +293,7 @@ class TRDPOWindows:
         self.loaded_window: int | None = None  # the window whose log-probs the steps read now
         self.version = -1
         self.fingerprints: dict[int, str] = {}
+        self.digests: list[str] = []  # the current version's slice digest per rank
 
     # ------------------------------------------------------------------ versions
     def _v0_inputs(self) -> dict[str, Any]:
