@@ -2,9 +2,9 @@
 
 Builds a random Llama checkpoint (reference, fp32, one file) and a perturbed copy (policy, sharded) locally,
 then runs each mix in a fresh subprocess and reads its peak RSS above the level before the mix (VmHWM after a
-reset, see ``pipeline.mix.PeakRss``):
+reset, see ``pipeline.train.mix.PeakRss``):
 
-* ``streaming``: :func:`pipeline.mix.mix_safetensors`, chunk by chunk;
+* ``streaming``: :func:`pipeline.train.mix.mix_safetensors`, chunk by chunk;
 * ``in-memory``: ``safetensors.torch.load_file`` both models, mix the tensors, ``save_file`` the result (what
   any mix that holds the two state dicts costs).
 
@@ -26,7 +26,7 @@ _IN_MEMORY = """
 import json, sys, time, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from pipeline.mix import PeakRss
+from pipeline.train.mix import PeakRss
 ref_dir, pol_dir, out_dir, alpha = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 start = time.perf_counter()
 with PeakRss() as peak:
@@ -44,7 +44,7 @@ print(json.dumps({"peak_rss_delta_bytes": peak.delta, "seconds": round(time.perf
 _STREAMING = """
 import json, sys
 from pathlib import Path
-from pipeline.mix import mix_safetensors
+from pipeline.train.mix import mix_safetensors
 print(json.dumps(mix_safetensors(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]))))
 """
 

@@ -63,8 +63,8 @@ def build_tokenized(out: Path, *, pairs: int, vocab: int, seed: int = 0) -> Path
     """A tokenized artifact (the tokenize stage's schema and manifest) of random token ids."""
     import pyarrow as pa
 
-    from pipeline import data
     from pipeline.artifacts import write_manifest, write_parquet
+    from pipeline.tokenize import artifact as data
 
     rng = np.random.default_rng(seed)
 
@@ -133,9 +133,10 @@ def _rss() -> int:
 
 
 def run_ours(work: Path, batch_size: int, stage0: bool) -> dict:
-    from pipeline import reference as ref
     from pipeline.artifacts import read_manifest
     from pipeline.config import load_config
+    from pipeline.reference import cache
+    from pipeline.reference import stage as ref
 
     overrides = {"precompute_ref_batch_size": batch_size, "output_dir": str(work / "unused")}
     if stage0:
@@ -157,14 +158,14 @@ def run_ours(work: Path, batch_size: int, stage0: bool) -> dict:
     with PeakRss() as peak:
         ref.compute_reference_logps(config, tokenized_dir=work / "tokenized", model_dir=work / "model", out_dir=out,
                                     splits=["train"], shard_size=10 ** 9)
-    counts = read_manifest(out, kind=ref.KIND)["counts"]
-    logps = ref.load_reference_logps(out, split="train")
+    counts = read_manifest(out, kind=cache.KIND)["counts"]
+    logps = cache.load_reference_logps(out, split="train")
     return {"seconds": counts["seconds"], "tokens": counts["tokens"], "rss_loaded": loaded["rss"],
             "peak_rss": peak.peak, "chosen": logps.chosen.tolist(), "rejected": logps.rejected.tolist()}
 
 
 def _rows(work: Path) -> list[dict]:
-    from pipeline.data import load_tokenized
+    from pipeline.tokenize.artifact import load_tokenized
 
     return load_tokenized(work / "tokenized", "train").to_pylist()
 

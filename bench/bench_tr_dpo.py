@@ -19,7 +19,7 @@ Parts, each side in its own process:
   tagged by phase (bench-side wrappers of the training step and of the window start). Reported: the peak RSS
   during training steps of each side (TR-DPO's includes the reference's host slices, reported separately from
   ``summary.json``), and TR-DPO's peak during its sync.
-* ``mix``: :meth:`pipeline.tr_dpo.ReferenceSlices.mix` alone on Llamas of 3 sizes (one rank: the whole model is
+* ``mix``: :meth:`pipeline.train.tr_dpo.ReferenceSlices.mix` alone on Llamas of 3 sizes (one rank: the whole model is
   the slice; with N ranks each mixes 1/N), median of 5.
 """
 
@@ -111,11 +111,11 @@ class PhasePeaks:
 def memory_child(work: Path, side: str) -> dict:
     import torch
 
-    from pipeline import tr_dpo
     from pipeline.config import load_config
-    from pipeline.data import tokenize_stage
-    from pipeline.reference import reference_stage
-    from pipeline.train import DPOTrainingRecipe, train_stage
+    from pipeline.reference.stage import reference_stage
+    from pipeline.tokenize.stage import tokenize_stage
+    from pipeline.train import tr_dpo
+    from pipeline.train.stage import DPOTrainingRecipe, train_stage
 
     torch.set_num_threads(2)
     config = load_config(None, {
@@ -182,7 +182,7 @@ def part_mix() -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.distributed import prepare_environment
-    from pipeline.tr_dpo import ReferenceSlices
+    from pipeline.train.tr_dpo import ReferenceSlices
 
     prepare_environment()
     torch.set_num_threads(2)

@@ -144,8 +144,10 @@ def peak_rss() -> int:
 def run_ours(work: Path, case: str, steps: int, zero3_config: str) -> dict:
     import shutil
 
-    from pipeline.distributed import all_gather_objects, is_main_process
-    from pipeline.train import DPOTrainingRecipe, train_dir_for, train_stage
+    from pipeline.distributed import all_gather_objects
+    from pipeline.plan import Plan
+    from pipeline.ranks import is_main_process
+    from pipeline.train.stage import DPOTrainingRecipe, train_stage
 
     cpu_seconds = []
     train_step = DPOTrainingRecipe.train_step
@@ -158,7 +160,7 @@ def run_ours(work: Path, case: str, steps: int, zero3_config: str) -> dict:
 
     DPOTrainingRecipe.train_step = timed_step
     config = our_config(work, case, steps, zero3_config)
-    shutil.rmtree(train_dir_for(config), ignore_errors=True)
+    shutil.rmtree(Plan.of(config).train_dir, ignore_errors=True)
     run = train_stage(config)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     peaks = all_gather_objects(peak_rss())
@@ -205,8 +207,8 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     work = Path(args.work)
     if args.side == "prepare":
-        from pipeline.data import tokenize_stage
-        from pipeline.reference import reference_stage
+        from pipeline.reference.stage import reference_stage
+        from pipeline.tokenize.stage import tokenize_stage
 
         config = our_config(work, args.case, args.steps, args.zero3_config)
         tokenize_stage(config)

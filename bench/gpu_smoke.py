@@ -216,9 +216,9 @@ def non_finite(obj, where: str) -> list[str]:
 
 def check_training(run_dir: Path, steps: int, problems: list[str]) -> list[dict]:
     """The train records of a finished run, after checking its manifest, metrics and summary."""
-    from pipeline import train
     from pipeline.artifacts import read_manifest
     from pipeline.metrics import METRICS_FILE, SUMMARY_FILE
+    from pipeline.train import stage as train
 
     read_manifest(run_dir, kind=train.KIND)  # hashes of the final model, metrics and plots
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
@@ -238,8 +238,8 @@ def check_reference(ref_dir: Path, problems: list[str]) -> dict:
     """The manifest of a reference artifact, after checking its hashes and that every log-prob is finite."""
     import numpy as np
 
-    from pipeline import reference
     from pipeline.artifacts import read_manifest, read_parquet
+    from pipeline.reference import cache as reference
 
     manifest = read_manifest(ref_dir, kind=reference.KIND)
     for name in manifest["files"]:
@@ -289,10 +289,10 @@ def print_table(result: dict) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def smoke(work: Path, args: argparse.Namespace, result: dict) -> None:
     """Build, run every stage, check and measure; fills ``result`` as it goes (so a failure keeps what ran)."""
-    from pipeline import reference, train
     from pipeline.config import load_config
     from pipeline.metrics import SUMMARY_FILE
-    from pipeline.tr_dpo import window_dir
+    from pipeline.plan import Plan
+    from pipeline.train.windows import window_dir
 
     model_dir = work / f"model-{args.model_size}"
     shutil.rmtree(model_dir, ignore_errors=True)  # cheap to rebuild (seed 0) and never half-written
@@ -312,11 +312,11 @@ def smoke(work: Path, args: argparse.Namespace, result: dict) -> None:
 
     problems = result["problems"]
     plain, tr_dpo = load_config(plain_yaml), load_config(tr_dpo_yaml)
-    ref_manifest = check_reference(reference.reference_dir_for(plain), problems)
-    check_reference(reference.reference_dir_for(tr_dpo), problems)  # TR-DPO's eval split, against version 0
-    tr_dpo_dir = train.train_dir_for(tr_dpo)
+    ref_manifest = check_reference(Plan.of(plain).reference_dir, problems)
+    check_reference(Plan.of(tr_dpo).reference_dir, problems)  # TR-DPO's eval split, against version 0
+    tr_dpo_dir = Plan.of(tr_dpo).train_dir
     windows = [check_reference(window_dir(tr_dpo_dir, k), problems) for k in range(2)]
-    plain_steps = check_training(train.train_dir_for(plain), args.steps, problems)
+    plain_steps = check_training(Plan.of(plain).train_dir, args.steps, problems)
     tr_dpo_steps = check_training(tr_dpo_dir, args.steps, problems)
     summary = json.loads((tr_dpo_dir / SUMMARY_FILE).read_text())
     result["tr_dpo"] = {key: summary.get(key) for key in ("reference_versions", "reference_forwards_per_example")}

@@ -49,7 +49,7 @@ PROGRESS_SECONDS = 30.0  # and at least this often while a bar moves: a long run
 _TQDM = re.compile(r"^\s*(?P<desc>[\w .-]*?):\s+(?P<percent>\d{1,3})%\|")
 
 
-# pipeline.tr_dpo's line at each window start, and the loss in the training bar's postfix.
+# pipeline.train.tr_dpo's line at each window start, and the loss in the training bar's postfix.
 _WINDOW = re.compile(r"TR-DPO window (?P<k>\d+)/(?P<n>\d+) \(steps (?P<steps>[\d-]+)\): reference version "
                      r"(?P<version>\d+)")
 _LOSS = re.compile(r"loss=(?P<loss>[-\d.naif]+)")

@@ -70,9 +70,9 @@ from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_T
 from prefect.states import Crashed
 
 from pipeline.artifacts import storage_errors
-from pipeline.distributed import free_port
 from pipeline.errors import PipelineError
 from pipeline.launch import die_with_parent
+from pipeline.ranks import free_port
 
 SERVER_DIR = "prefect"
 # The first start migrates a fresh SQLite database: on a busy 2-core machine that takes longer than Prefect's

@@ -21,10 +21,13 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline import data, reference, tr_dpo, train
 from pipeline.artifacts import read_manifest
 from pipeline.config import DPOPipelineConfig
 from pipeline.metrics import read_summary
+from pipeline.plan import TRAIN_KIND
+from pipeline.reference import cache as reference
+from pipeline.tokenize import artifact as tokenized
+from pipeline.train.windows import VERSION_KIND, window_dir
 
 
 def _scalars(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -35,15 +38,15 @@ def _scalars(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def _artifacts(config: DPOPipelineConfig, summary: dict[str, Any]) -> list[tuple[str, str, Path]]:
     """(label, kind, directory) of every artifact the run read or wrote, as its summary names them."""
     paths = summary["paths"]
-    found = [("tokenized", data.KIND, paths["tokenized"])]
+    found = [("tokenized", tokenized.KIND, paths["tokenized"])]
     found += [(label, reference.KIND, path) for label, path in paths.items() if label.startswith("reference_")]
     if "tr_dpo" in summary:
         windows = range(len(summary["tr_dpo"]["windows"]))
         run_dir = Path(summary["run_dir"])
-        found += [(f"window {k} reference", reference.KIND, tr_dpo.window_dir(run_dir, k)) for k in windows]
-        found += [(f"reference v{k}", tr_dpo.VERSION_KIND, path)
+        found += [(f"window {k} reference", reference.KIND, window_dir(run_dir, k)) for k in windows]
+        found += [(f"reference v{k}", VERSION_KIND, path)
                   for k, path in enumerate(summary["tr_dpo"]["versions"])]
-    found.append(("train", train.KIND, summary["run_dir"]))
+    found.append(("train", TRAIN_KIND, summary["run_dir"]))
     # One row per directory: a later, more specific label ("window 1 reference" for "reference_train") replaces
     # an earlier one, and the row keeps the place where the directory first appeared.
     unique = {}

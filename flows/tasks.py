@@ -18,7 +18,7 @@
   storage fault (no space, a read-only output_dir, a file in the way) is not retried: the same input would be
   refused again, the same write fail again, until the user acts.
 * **TR-DPO** is the training task like plain DPO: one job syncs and re-scores every window in place
-  (:mod:`pipeline.tr_dpo`), so a retry resumes from its last checkpoint.
+  (:mod:`pipeline.train.tr_dpo`), so a retry resumes from its last checkpoint.
 
 Trade-offs: the cache key holds the first 16 hex digits of the fingerprint (64 bits, as the directory name
 does). Tasks run one after the other in the flow's process, which mostly waits on its jobs; the stages depend
@@ -39,8 +39,8 @@ from flows.jobs import JobOutput
 from pipeline import launch
 from pipeline.artifacts import MANIFEST, read_manifest, storage_error
 from pipeline.config import DPOPipelineConfig
-from pipeline.data import tokenize_stage
 from pipeline.errors import ArtifactError, PipelineError
+from pipeline.tokenize.stage import tokenize_stage
 
 CACHE_DIR = "prefect-cache"
 JOB_RETRIES = 2
@@ -49,8 +49,6 @@ def _worth_retrying(task, task_run, state) -> bool:
     """Retry crashes and kills (the stage resumes); not input the stage refused, nor a storage fault (a full or
     read-only disk, a file in the way), which would be refused again until the user acts."""
     error = state.result(raise_on_failure=False)
-    if isinstance(error, launch.JobFailed):
-        return not error.refused_input
     if isinstance(error, OSError):
         return storage_error(error) is None
     return not isinstance(error, PipelineError)

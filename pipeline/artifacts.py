@@ -223,6 +223,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a staging directory beside ``path``; on success it replaces ``path`` (a reader sees the old
+    directory or the whole new one, never half a model). On an exception the staging directory is removed."""
+    path = Path(path)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+        try:
+            yield staging
+            if path.exists():
+                shutil.rmtree(path)
+            staging.rename(path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -248,6 +265,17 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise ArtifactError(f"cannot read Parquet file {path}: {exc}") from None
+
+
+def strictly_increasing(ids: Any, where: str, *, fix: str) -> None:
+    """Refuse example ids (a numpy array) that repeat or are out of order, naming the first repeats."""
+    import numpy as np
+
+    step = np.diff(ids)
+    if np.any(step == 0):
+        raise ArtifactError(f"{where}: example_id {ids[1:][step == 0][:5].tolist()} appears more than once; {fix}")
+    if np.any(step < 0):
+        raise ArtifactError(f"{where}: rows are not in example_id order; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------- manifests

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", help="YAML config (TRL DPOConfig field names)")
         stage.add_argument("--output-dir", help="overrides output_dir")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values in YAML")
+        # Set by pipeline.launch for its jobs: a refused input is written there as data for the launching process.
+        stage.add_argument("--error-file", help=argparse.SUPPRESS)
     return parser
 
 
@@ -60,14 +62,14 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
-    from pipeline.distributed import under_launcher
+    from pipeline.ranks import under_launcher
 
     if args.stage == "build-tiny-model":
         from pipeline.tiny_model import build_tiny_model
 
         print(build_tiny_model(config.resolve_path(config.model_name_or_path)))
     elif args.stage == "tokenize":
-        from pipeline.data import tokenize_stage
+        from pipeline.tokenize.stage import tokenize_stage
 
         print(tokenize_stage(config))
     elif args.stage == "run":
@@ -83,29 +85,43 @@ def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
 
         run_stage(args.stage, config, on_line=print)
     elif args.stage == "reference":
-        from pipeline.reference import reference_stage
+        from pipeline.reference.stage import reference_stage
 
         print(reference_stage(config))
     else:
-        from pipeline.train import train_stage
+        from pipeline.train.stage import train_stage
 
         print(train_stage(config))
 
 
 def _tr_dpo_in_job(config):
     """TR-DPO's ``train`` inside a launcher's job: what it needs first (the tokenized artifact, made by rank 0;
-    the eval reference against version 0), then every window in this one job (:mod:`pipeline.tr_dpo`)."""
-    from pipeline.data import tokenize_stage
-    from pipeline.distributed import barrier, init_distributed, is_main_process
-    from pipeline.reference import reference_stage
-    from pipeline.train import train_stage
+    the eval reference against version 0), then every window in this one job (:mod:`pipeline.train.tr_dpo`)."""
+    from pipeline.distributed import barrier, init_distributed
+    from pipeline.plan import Plan
+    from pipeline.ranks import is_main_process
+    from pipeline.reference.stage import reference_stage
+    from pipeline.tokenize.stage import tokenize_stage
+    from pipeline.train.stage import train_stage
 
     init_distributed(config)
     if is_main_process():
         tokenize_stage(config)
     barrier()
-    reference_stage(config)
-    return train_stage(config)
+    plan = Plan.of(config)  # the dataset hashed once for both stages
+    reference_stage(config, plan)
+    return train_stage(config, plan=plan)
+
+
+def _record_error(path: str, error: PipelineError) -> None:
+    """The first rank to refuse writes the record; the others (refusing the same input) leave it."""
+    import json
+    import os
+    import socket
+
+    record = {**error.record(), "rank": os.environ.get("RANK", "0"), "host": socket.gethostname()}
+    with contextlib.suppress(FileExistsError), open(path, "x") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if error is None:
             raise  # any other OSError is a bug or an unexpected fault: it keeps its traceback
         print(f"dpo-pipeline {args.stage}: error: {error}", file=sys.stderr)
+        if args.error_file:
+            _record_error(args.error_file, error)
         return 2
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -213,22 +214,12 @@ class DPOPipelineConfig(BaseModel):
         return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
 
     def loss_spec(self):
-        """The losses module's validated view of the loss fields."""
-        from pipeline.losses import LossSpec
+        """The loss module's validated view of the loss fields: every :class:`LossSpec` field, by name."""
+        from pipeline.loss_spec import LossSpec
 
-        return LossSpec(
-            loss_type=self.loss_types,
-            loss_weights=tuple(self.loss_weights) if self.loss_weights is not None else None,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.discopop_tau,
-            reference_free=self.reference_free,
-            use_weighting=self.use_weighting,
-            ld_alpha=self.ld_alpha,
-            ipo_length_normalized=self.ipo_length_normalized,
-        )
+        values = {f.name: getattr(self, f.name) for f in fields(LossSpec)}
+        values["loss_type"] = self.loss_types
+        return LossSpec(**values)
 
     def resolve_path(self, value: str | None) -> Path | None:
         """A config path as an absolute Path: as given if absolute or existing from the CWD, else repo-relative."""

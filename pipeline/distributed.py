@@ -1,17 +1,14 @@
-"""DeepSpeed process setup and ``ds_config`` handling, shared by the reference pass and training.
+"""DeepSpeed process setup, shared by the reference pass and training (the ds_config: :mod:`pipeline.ds_config`).
 
 * :func:`init_distributed` makes one code path serve 1 process without a launcher, N processes under
   ``torchrun`` / the ``deepspeed`` launcher, CPU (gloo) and GPU (nccl). On CPU it disables DeepSpeed's
   shared-memory comm op: it JIT-compiles for ~40 s and its fp32 all-reduce segfaults on AVX2-only machines.
-* :func:`resolve_ds_config` reads any standard ``ds_config.json`` and fills every ``"auto"`` value from our
-  config (as the HF Trainer integration does); a value set explicitly that disagrees with ours is an error.
-  The size-dependent ZeRO buckets take the HF Trainer's values from the model's hidden size, so the ZeRO-3
-  config of the transformers docs carries over unchanged.
+* :func:`prepare_environment` gives every rank the launcher variables (:mod:`pipeline.ranks` reads them);
+  :func:`main_decides` and :func:`check_ranks_agree` keep the ranks in step on a shared filesystem.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import os
@@ -25,15 +22,9 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.models import resolve_model_dir
+from pipeline.ranks import NO_LAUNCHER, free_port, is_main_process, rank, scheduler_rank_environment, world_size
 
 T = TypeVar("T")
-
-NO_LAUNCHER = "DPO_PIPELINE_NO_LAUNCHER"
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# DeepSpeed's multi-node runner forwards only some variables to the other nodes (NCCL*, PYTHON*, ...); these
-# must reach every rank too, so the launcher docs tell users to put them into .deepspeed_env.
-NODE_ENVIRONMENT = ("HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "DS_ACCELERATOR", "OMP_NUM_THREADS", "CUDA_HOME")
 
 _device_choice = "auto"  # the config's `device`, set by init_distributed / use_device
 
@@ -101,57 +92,6 @@ def prepare_environment() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()), **{NO_LAUNCHER: "1"})
 
 
-def scheduler_rank_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from Slurm's ``srun`` or OpenMPI's ``mpirun``
-    variables; empty when neither started this process as one of several ranks.
-
-    Slurm: only a job *step* (``srun``) has one task per rank; an ``sbatch`` script or ``salloc`` shell is one
-    process (SLURM_PROCID 0 of the allocation's tasks) and runs as a single process, relaunching itself with
-    srun when the config says ``launcher: slurm``. The master is the step's first node; the port is derived
-    from the job and step ids, so every task computes the same one without talking to the others.
-    OpenMPI: ranks come from OMPI_COMM_WORLD_*; a multi-node mpirun must export MASTER_ADDR (``-x``), since
-    nothing in its environment names the first rank's host."""
-    if env.get("SLURM_STEP_ID", "").isdigit() and "SLURM_PROCID" in env:
-        tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        port = 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 17 + int(env["SLURM_STEP_ID"])) % 20000
-        return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "WORLD_SIZE": tasks,
-                "LOCAL_WORLD_SIZE": env.get("SLURM_STEP_TASKS_PER_NODE", tasks).split("(")[0].split(",")[0],
-                "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
-                "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
-    if "OMPI_COMM_WORLD_RANK" in env:
-        size, local_size = env["OMPI_COMM_WORLD_SIZE"], env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
-        if "MASTER_ADDR" not in env and size != local_size:
-            raise ConfigError("mpirun across nodes: export the first rank's host as MASTER_ADDR "
-                              "(mpirun -x MASTER_ADDR=<host> -x MASTER_PORT=<port> ...)")
-        return {"RANK": env["OMPI_COMM_WORLD_RANK"], "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
-                "WORLD_SIZE": size, "LOCAL_WORLD_SIZE": local_size,
-                "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
-    return {}
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: ``gpu[003-010,012],cpu1`` -> ``gpu003`` (what ``scontrol show
-    hostnames`` would print first, without a subprocess per rank)."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
-
-
-def under_launcher() -> bool:
-    """True in a rank started by torchrun, the deepspeed launcher, srun or mpirun (not in a plain process)."""
-    return ("LOCAL_RANK" in os.environ or bool(scheduler_rank_environment(os.environ))) and (
-        NO_LAUNCHER not in os.environ)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(config=None) -> None:
     """Start (once) the process group, with the device set from LOCAL_RANK and checked against the GPUs.
 
@@ -188,18 +128,6 @@ def configure_cuda_numerics(config) -> None:
     torch.backends.cudnn.allow_tf32 = True
     if config is None or config.attn_implementation is None:
         torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return rank() == 0
 
 
 def device() -> torch.device:
@@ -270,120 +198,12 @@ def check_ranks_agree(config, *, what: Mapping[str, Any]) -> None:
                               f"differ): every node must read the same output_dir, dataset and model")
 
 
-# ------------------------------------------------------------------------------------------------ ds_config
-def load_ds_config(path: str | Path | None) -> dict[str, Any]:
-    """The user's ds_config (any standard DeepSpeed JSON), or ZeRO stage 0 when none is given."""
-    if path is None:
-        return {"zero_optimization": {"stage": 0}}
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"deepspeed: ds_config file not found: {path}")
+if __name__ == "__main__":
+    # The driver's device probe (pipeline.launch.node_gpus): the GPUs this node gives a job, or the refusal.
+    import sys
+
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"deepspeed: {path} is not valid JSON: {exc}") from None
-
-
-def _fill(ds: dict, dotted: str, value: Any, source: str, *, required: bool = True) -> None:
-    """Set ``ds[dotted]`` to ``value`` when missing (if ``required``) or ``"auto"``; refuse a conflict."""
-    *parents, leaf = dotted.split(".")
-    node = ds
-    for key in parents:
-        if key not in node:
-            if not required:
-                return
-            node[key] = {}
-        node = node[key]
-    current = node.get(leaf, "auto" if required else None)
-    if current is None:
-        return
-    if current == "auto":
-        node[leaf] = value
-    elif current != value and not (isinstance(value, float) and abs(current - value) <= 1e-12 * abs(value)):
-        raise ConfigError(f"deepspeed: ds_config sets {dotted}={current!r} but the config's {source} gives "
-                          f"{value!r}; set it to \"auto\" or make them agree")
-
-
-# zero_optimization keys the HF Trainer fills from the hidden size h when "auto".
-BUCKET_SIZE_RULES = {
-    "reduce_bucket_size": lambda h: h * h,
-    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
-    "stage3_param_persistence_threshold": lambda h: 10 * h,
-}
-
-
-def resolve_ds_config(config, *, world: int, inference: bool = False) -> dict[str, Any]:
-    """Fill ``"auto"`` values from ``config`` and check the explicit ones agree with it.
-
-    Training: micro batch, gradient accumulation, global batch, clipping, bf16, ZeRO bucket sizes, and the
-    optimizer's lr/betas/eps/weight_decay when the ds_config names an optimizer (else the recipe passes torch
-    AdamW).
-    Inference (the reference pass): batch size = ``precompute_ref_batch_size`` and no optimizer."""
-    ds = copy.deepcopy(load_ds_config(config.resolve_path(config.deepspeed)))
-    if ds.get("fp16", {}).get("enabled") in (True, "auto") and not on_gpu():
-        if ds["fp16"]["enabled"] is True:
-            raise ConfigError("deepspeed: fp16 is not supported on CPU; use bf16 or fp32")
-        ds["fp16"]["enabled"] = False
-    _fill(ds, "bf16.enabled", bool(config.bf16), "bf16")
-    _fill_bucket_sizes(ds, config)
-    zero = ds.get("zero_optimization", {})
-    if zero.get("overlap_comm") == "auto":
-        # On GPUs the gradient reduce-scatter runs on its own stream beside the backward (5-10 % of a ZeRO-2/3
-        # step on one node, more across nodes); on CPU there are no streams to overlap on.
-        zero["overlap_comm"] = on_gpu()
-    if inference:
-        micro = config.precompute_ref_batch_size or config.per_device_eval_batch_size
-        # DeepSpeed requires a batch size even for inference; the training-only sections are dropped.
-        for key in ("optimizer", "scheduler", "gradient_accumulation_steps", "train_batch_size"):
-            ds.pop(key, None)
-        ds["train_micro_batch_size_per_gpu"] = micro
-        ds["gradient_accumulation_steps"] = 1
-        return ds
-    micro, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    _fill(ds, "train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size")
-    _fill(ds, "gradient_accumulation_steps", accum, "gradient_accumulation_steps")
-    _fill(ds, "train_batch_size", micro * accum * world,
-          "per_device_train_batch_size x gradient_accumulation_steps x num_processes")
-    _fill(ds, "gradient_clipping", config.max_grad_norm, "max_grad_norm")
-    if "optimizer" in ds:
-        _fill(ds, "optimizer.params.lr", config.learning_rate, "learning_rate")
-        _fill(ds, "optimizer.params.betas", [config.adam_beta1, config.adam_beta2], "adam_beta1/adam_beta2")
-        _fill(ds, "optimizer.params.eps", config.adam_epsilon, "adam_epsilon")
-        _fill(ds, "optimizer.params.weight_decay", config.weight_decay, "weight_decay")
-    if "scheduler" in ds:
-        raise ConfigError("deepspeed: the ds_config 'scheduler' section is not used; set lr_scheduler_type, "
-                          "warmup_ratio / warmup_steps in the pipeline config instead")
-    # A client (torch) optimizer with ZeRO offload needs DeepSpeed's CPU-Adam check switched off.
-    if "optimizer" not in ds and _offloads_optimizer(ds):
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    return ds
-
-
-def _fill_bucket_sizes(ds: dict, config) -> None:
-    """``"auto"`` ZeRO bucket sizes from the model's hidden size h, by the HF Trainer's rule: reduce bucket h^2,
-    ZeRO-3 prefetch bucket 0.9 h^2, ZeRO-3 persistence threshold 10 h (parameters smaller than that stay
-    gathered: norm scales and biases, not matrices). Fixed sizes tuned for 7B models would make a small model's
-    buckets a third of the model."""
-    zero = ds.get("zero_optimization", {})
-    autos = [key for key in BUCKET_SIZE_RULES if zero.get(key) == "auto"]
-    if not autos:
-        return
-    from transformers import AutoConfig
-
-    model_dir = resolve_model_dir(config)
-    model_config = AutoConfig.from_pretrained(model_dir).get_text_config()
-    hidden = getattr(model_config, "hidden_size", None) or max(getattr(model_config, "hidden_sizes", None) or [0])
-    if not hidden:
-        raise ConfigError(f"deepspeed: {', '.join(autos)} are \"auto\" but {model_dir}/config.json has no "
-                          f"hidden_size to derive them from; set them to numbers in the ds_config")
-    for key in autos:
-        zero[key] = BUCKET_SIZE_RULES[key](hidden)
-
-
-def _offloads_optimizer(ds: dict) -> bool:
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return offload.get("device", "none") not in ("none", None)
-
-
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+        use_device(sys.argv[1])
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    print(gpu_count())

@@ -10,6 +10,10 @@ traceback reaches the user for input they can fix; any other exception is a bug 
 class PipelineError(Exception):
     """An error the user can fix; printed without a traceback."""
 
+    def record(self) -> dict[str, str]:
+        """This error as data, for the process that launched the job which raised it (:func:`from_record`)."""
+        return {"type": type(self).__name__, "message": str(self)}
+
 
 class ConfigError(PipelineError, ValueError):
     """A config value is unknown, out of range or inconsistent; the message names the field."""
@@ -34,3 +38,14 @@ class LockError(PipelineError):
 
 class TrainingDiverged(PipelineError):
     """The loss or gradient norm became non-finite; the message names the step and the checkpoint to resume."""
+
+
+def from_record(record: dict[str, str]) -> PipelineError:
+    """The error a job's rank raised, rebuilt from :meth:`PipelineError.record` with its own class, so that a
+    launcher's caller tells a refused input from a crash by type, not by parsing the job's output."""
+    kinds = {cls.__name__: cls for cls in _subclasses(PipelineError)}
+    return kinds.get(record.get("type", ""), PipelineError)(record.get("message", ""))
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]

@@ -17,7 +17,9 @@ import atexit
 import collections
 import contextlib
 import ctypes
+import functools
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -30,25 +32,21 @@ from pathlib import Path
 
 from pipeline.artifacts import storage_errors
 from pipeline.config import DPOPipelineConfig, save_config
-from pipeline.distributed import NO_LAUNCHER, RANK_VARIABLES, free_port, gpu_count, on_gpu, use_device
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, from_record
 from pipeline.models import resolve_model_dir
+from pipeline.ranks import NO_LAUNCHER, RANK_VARIABLES, free_port
 
 _LIVE_GROUPS: set[int] = set()
 _LOCK = threading.Lock()
 
 
-class JobFailed(PipelineError):
-    """A job exited non-zero. ``refused_input`` is true when a rank printed the CLI's one-line user error
-    (bad config, data or artifact): rerunning cannot help, so callers should not retry."""
+class JobFailed(Exception):
+    """A job crashed: it exited non-zero without refusing its input (that is the :class:`PipelineError` its
+    rank raised, rebuilt by :func:`run_job`). Not a PipelineError: it keeps its traceback and is worth a retry."""
 
     def __init__(self, stage: str, returncode: int, tail: str):
         self.stage, self.returncode, self.tail = stage, returncode, tail
-        errors = [line for line in tail.splitlines() if line.startswith(f"dpo-pipeline {stage}: error:")]
-        self.refused_input = bool(errors)
-        # The launcher adds its own traceback after a rank fails: lead with the stage's own words.
-        headline = f"{errors[-1]}\n" if errors else ""
-        super().__init__(f"{stage} job failed with exit code {returncode}\n{headline}last lines of its log:\n{tail}")
+        super().__init__(f"{stage} job failed with exit code {returncode}\nlast lines of its log:\n{tail}")
 
 
 def kill_all_jobs() -> int:
@@ -108,7 +106,7 @@ def stage_command(stage: str, config_path: Path, config: DPOPipelineConfig, *, e
         command = [str(beside) if beside.is_file() else "deepspeed"]
         if config.hostfile:
             command += ["--hostfile", str(config.resolve_path(config.hostfile)), "--num_gpus", nproc]
-        elif os.environ.get("CUDA_VISIBLE_DEVICES") and on_gpu():
+        elif os.environ.get("CUDA_VISIBLE_DEVICES") and node_gpus(config.device):
             # --num_gpus drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1: on a shared node, someone else's.
             visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[: config.num_processes]
             command += ["--include", f"localhost:{','.join(visible)}"]
@@ -125,12 +123,30 @@ def stage_command(stage: str, config_path: Path, config: DPOPipelineConfig, *, e
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, *nodes, "-m", *target]
 
 
-def job_environment() -> dict[str, str]:
+@functools.cache
+def node_gpus(device: str) -> int:
+    """The GPUs this node gives a job for the config's ``device``, without importing torch into this process
+    (the driver, or the Prefect process: torch there would cost seconds and hundreds of MB per flow run).
+
+    No NVIDIA device files means no GPU, the answer on every CPU machine; otherwise torch answers in a child
+    process, which also refuses ``device: cuda`` without usable CUDA and ``auto`` on a broken GPU setup, as
+    the ranks would (:func:`pipeline.distributed.use_device`)."""
+    if device == "cpu" or (device == "auto" and not Path("/dev/nvidiactl").exists()):
+        return 0
+    probe = subprocess.run([sys.executable, "-m", "pipeline.distributed", device], capture_output=True, text=True,
+                           env=dict(os.environ, DPO_PIPELINE_NO_LAUNCHER="1"))
+    if probe.returncode != 0:
+        lines = (probe.stderr or probe.stdout).strip().splitlines() or [f"exit code {probe.returncode}"]
+        raise ConfigError(lines[-1].removeprefix("error: "))
+    return int(probe.stdout.strip().splitlines()[-1])
+
+
+def job_environment(device: str = "auto") -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # A launcher sets these itself; values inherited from a parent job would confuse it.
     for key in (*RANK_VARIABLES, NO_LAUNCHER):
         env.pop(key, None)
-    if not on_gpu():
+    if not node_gpus(device):
         env.setdefault("DS_ACCELERATOR", "cpu")
     # The driver resolved the model and the dataset before launching (job_config): the ranks read the local
     # copies and caches, and never ask the Hub (compute nodes are often offline; N ranks x M lookups otherwise).
@@ -142,12 +158,12 @@ def check_launch(config: DPOPipelineConfig) -> None:
     """Before launching: the ranks per node fit the GPUs this node has (a job on a node of its own, under
     Slurm, is checked by its ranks), and every host of a hostfile resolves (a typo would otherwise surface as
     pdsh's or ssh's failure on one node, after the others started)."""
-    use_device(config.device)
+    gpus = node_gpus(config.device)
     if config.launcher == "deepspeed" and config.hostfile:
         _check_hostfile(config.resolve_path(config.hostfile))
-    if on_gpu() and config.launcher != "slurm" and config.num_processes > gpu_count():
+    if gpus and config.launcher != "slurm" and config.num_processes > gpus:
         raise ConfigError(f"num_processes: {config.num_processes} ranks per node, but {socket.gethostname()} has "
-                          f"{gpu_count()} visible GPU(s); set num_processes to at most that")
+                          f"{gpus} visible GPU(s); set num_processes to at most that")
 
 
 def _check_hostfile(path: Path) -> None:
@@ -167,21 +183,27 @@ def _check_hostfile(path: Path) -> None:
 def job_config(config: DPOPipelineConfig) -> DPOPipelineConfig:
     """The config a job runs: names resolved to local paths once, here, so that no rank of any job asks the Hub
     again (compute nodes are often offline) and every rank reads the very same files."""
-    from pipeline.data import resolve_sources
+    from pipeline.tokenize.sources import resolve_sources
 
     resolve_sources(config)  # a Hub dataset lands in the datasets cache here, once
     return config.model_copy(update={"model_name_or_path": str(resolve_model_dir(config))})
 
 
 def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable[[str], None] | None = None,
-            timeout: float | None = None, slurm_job_name: str | None = None) -> None:
+            timeout: float | None = None, slurm_job_name: str | None = None, device: str = "auto",
+            error_file: Path | None = None) -> None:
     """Run ``command`` in a new process group, tee its output to ``log_path`` and ``on_line``. A Slurm job
-    (``slurm_job_name``) is also scancel'ed when it is ended early: srun killed outright leaves its step running."""
+    (``slurm_job_name``) is also scancel'ed when it is ended early: srun killed outright leaves its step running.
+
+    A job that refused its input wrote the error to ``error_file`` (``dpo-pipeline --error-file``): that error is
+    raised here, with its own type; any other failure is a :class:`JobFailed`."""
+    if error_file is not None:
+        error_file.unlink(missing_ok=True)
     with storage_errors(log_path):  # an unwritable or full logs/ is one line, before any job starts
         log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=job_environment(), start_new_session=True, preexec_fn=die_with_parent)
+                            env=job_environment(device), start_new_session=True, preexec_fn=die_with_parent)
     with _LOCK:
         _LIVE_GROUPS.add(proc.pid)
     timer = threading.Timer(timeout, _kill_group, args=(proc.pid,)) if timeout else None
@@ -208,6 +230,9 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
         with _LOCK:
             _LIVE_GROUPS.discard(proc.pid)
     if proc.returncode != 0:
+        if error_file is not None and error_file.is_file():
+            raise from_record(json.loads(error_file.read_text())) from JobFailed(stage, proc.returncode,
+                                                                                  "\n".join(tail))
         if proc.returncode in (-signal.SIGTERM, -signal.SIGKILL) and timer is not None:
             raise JobFailed(stage, proc.returncode, f"(killed after the {timeout:.0f} s timeout)\n" + "\n".join(tail))
         raise JobFailed(stage, proc.returncode, "\n".join(tail))
@@ -224,6 +249,9 @@ def run_stage(stage: str, config: DPOPipelineConfig, *, extra_args: tuple[str, .
     save_config(config, config_path)
     # A Slurm job is found again by its name (to cancel it): the flow run's id when there is one.
     job_name = f"dpo-{stage}-{os.environ.get('PREFECT__FLOW_RUN_ID', digest)[:36]}"
-    command = stage_command(stage, config_path, config, extra_args=extra_args, job_name=job_name)
+    error_file = config.output_path / "jobs" / f"{stage}-{digest}.error.json"
+    command = stage_command(stage, config_path, config, extra_args=(*extra_args, "--error-file", str(error_file)),
+                            job_name=job_name)
     run_job(stage, command, log_path=config.output_path / "logs" / f"{stage}.log", on_line=on_line,
-            timeout=timeout, slurm_job_name=job_name if config.launcher == "slurm" else None)
+            timeout=timeout, slurm_job_name=job_name if config.launcher == "slurm" else None, device=config.device,
+            error_file=error_file)

@@ -52,8 +52,8 @@ import psutil
 
 from pipeline.artifacts import storage_errors
 from pipeline.config import DPOPipelineConfig
-from pipeline.distributed import scheduler_rank_environment, under_launcher
 from pipeline.errors import LockError
+from pipeline.ranks import scheduler_rank_environment, under_launcher
 
 LOCK_FILE = ".lock"
 LOCK_HELD = "DPO_PIPELINE_LOCK_HELD"

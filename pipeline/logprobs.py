@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.losses import PairLogps
+from pipeline.reference.cache import ReferenceLogps
+
 # Positions per float32 chunk: 128 positions x 32k vocab x 4 bytes x batch 8 = 128 MiB at most.
 CHUNK_POSITIONS = 128
 
@@ -48,6 +51,18 @@ class PairBatch:
     def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
                                                   self.completion_lengths, self.public_lengths, self.example_ids)))
+
+
+def reference_pair_logps(reference: ReferenceLogps, device: torch.device | str = "cpu") -> PairLogps:
+    """Cached reference rows (:meth:`ReferenceLogps.take` of a batch's ids) as the loss's (B,) float32 tensors."""
+
+    def tensor(values) -> Tensor:
+        return torch.from_numpy(values.astype("float32")).to(device)
+
+    return PairLogps(chosen=tensor(reference.chosen), rejected=tensor(reference.rejected),
+                     chosen_lengths=tensor(reference.chosen_lengths),
+                     rejected_lengths=tensor(reference.rejected_lengths),
+                     chosen_public=tensor(reference.chosen_public), rejected_public=tensor(reference.rejected_public))
 
 
 def collate_pairs(rows: Sequence[dict], pad_token_id: int) -> PairBatch:

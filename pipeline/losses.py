@@ -35,7 +35,6 @@ Where TRL versions disagree, and what this module does (see also docs/losses.md)
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -43,14 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError
+from pipeline.loss_spec import F_DIVERGENCE_TYPES, VARIANTS, LossSpec
 
 __all__ = [
-    "F_DIVERGENCE_TYPES",
-    "LOSS_ALIASES",
     "LOSS_REGISTRY",
-    "LOSS_TYPES",
-    "LossSpec",
     "LossState",
     "PairLogps",
     "VariantInputs",
@@ -102,7 +98,7 @@ _F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
     "js_divergence": _js_divergence,
     "alpha_divergence": _alpha_divergence,
 }
-F_DIVERGENCE_TYPES: tuple[str, ...] = tuple(_F_DIVERGENCES)
+assert tuple(_F_DIVERGENCES) == F_DIVERGENCE_TYPES, "pipeline.loss_spec names the divergences this module has"
 
 
 def f_divergence_scores(logratios: Tensor, f_divergence_type: str = "reverse_kl",
@@ -113,7 +109,7 @@ def f_divergence_scores(logratios: Tensor, f_divergence_type: str = "reverse_kl"
 
 def _f_divergence(name: str) -> Callable[[Tensor, float], Tensor]:
     if name not in _F_DIVERGENCES:
-        raise ConfigError(f"f_divergence_type: unknown {name!r}; valid: {', '.join(F_DIVERGENCE_TYPES)}")
+        raise ValueError(f"f_divergence_type: unknown {name!r}; valid: {', '.join(F_DIVERGENCE_TYPES)}")
     return _F_DIVERGENCES[name]
 
 
@@ -149,7 +145,7 @@ class VariantInputs:
     def lengths(self, variant: str) -> tuple[Tensor, Tensor]:
         """(len_w, len_l) as floats clamped to >= 1 (an empty completion must not divide by zero)."""
         if self.chosen_lengths is None or self.rejected_lengths is None:
-            raise ConfigError(f"loss_type: {variant!r} needs chosen_lengths and rejected_lengths")
+            raise ValueError(f"loss_type: {variant!r} needs chosen_lengths and rejected_lengths")
         return (self.chosen_lengths.to(self.chosen.dtype).clamp(min=1.0),
                 self.rejected_lengths.to(self.chosen.dtype).clamp(min=1.0))
 
@@ -269,7 +265,7 @@ def _sft(x: VariantInputs, spec: LossSpec) -> Tensor:
     −log π(y_w,i) / mean_j |y_w,j|, so the batch mean is −Σ_i log π(y_w,i) / Σ_j |y_w,j|.
     """
     if x.chosen_lengths is None:
-        raise ConfigError("loss_type: 'sft' needs chosen_lengths (the policy's completion token counts)")
+        raise ValueError("loss_type: 'sft' needs chosen_lengths (the policy's completion token counts)")
     return -x.policy_chosen / x.chosen_lengths.to(x.policy_chosen.dtype).mean().clamp(min=1.0)
 
 
@@ -279,122 +275,19 @@ def _sigmoid_norm(x: VariantInputs, spec: LossSpec) -> Tensor:
     return -F.logsigmoid(spec.beta * x.normalized_margin("sigmoid_norm"))
 
 
-LossFn = Callable[[VariantInputs, "LossSpec"], Tensor]
-
-LOSS_REGISTRY: dict[str, LossFn] = {
-    "sigmoid": _sigmoid,
-    "hinge": _hinge,
-    "ipo": _ipo,
-    "exo_pair": _exo_pair,
-    "nca_pair": _nca_pair,
-    "robust": _robust,
-    "bco_pair": _bco_pair,
-    "sppo_hard": _sppo_hard,
-    "aot": _aot,
-    "aot_pair": _aot_pair,
-    "apo_zero": _apo_zero,
-    "apo_down": _apo_down,
-    "discopop": _discopop,
-    "sft": _sft,
-    "sigmoid_norm": _sigmoid_norm,
-}
-# Other names accepted for a registered variant; a LossSpec stores the registered name.
-LOSS_ALIASES: dict[str, str] = {"aot_unpaired": "aot_pair"}
-LOSS_TYPES: tuple[str, ...] = (*LOSS_REGISTRY, *LOSS_ALIASES)
+LossFn = Callable[[VariantInputs, LossSpec], Tensor]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------------
+def _registered_functions() -> dict[str, LossFn]:
+    """``_<name>`` of this module for every variant of :data:`pipeline.loss_spec.VARIANTS` (where each variant's
+    needs are declared): a variant is one function here plus its one entry there."""
+    missing = [name for name in VARIANTS if f"_{name}" not in globals()]
+    if missing:
+        raise RuntimeError(f"loss variants {missing} are registered in pipeline.loss_spec but have no _<name> here")
+    return {name: globals()[f"_{name}"] for name in VARIANTS}
 
 
-def _names(name: str, value: object, scalar: type) -> tuple:
-    """A config value that may be one item or a list of items, as a tuple."""
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    if isinstance(value, scalar):
-        return (value,)
-    raise ConfigError(f"{name}: expected one value or a list, got {value!r}")
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """The loss configuration, with TRL ``DPOConfig``'s field names; validated on construction.
-
-    ``loss_type`` may be a name or a list of names (MPO); it is stored as a tuple of registered names
-    (aliases resolved). ``loss_weights`` is None (every term weighs 1) or one weight per loss type.
-    ``ipo_length_normalized`` selects TRL 1.x's per-token IPO instead of the paper's summed form.
-    """
-
-    loss_type: tuple[str, ...] = ("sigmoid",)
-    loss_weights: tuple[float, ...] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
-    discopop_tau: float = 0.05
-    reference_free: bool = False
-    use_weighting: bool = False
-    ld_alpha: float | None = None
-    ipo_length_normalized: bool = False
-
-    def __post_init__(self) -> None:
-        names = _names("loss_type", self.loss_type, str)
-        if not names:
-            raise ConfigError("loss_type: empty; give at least one of " + ", ".join(LOSS_TYPES))
-        for name in names:
-            if name not in LOSS_TYPES:
-                raise ConfigError(f"loss_type: unknown {name!r}; valid: {', '.join(LOSS_TYPES)}")
-        canonical = tuple(LOSS_ALIASES.get(name, name) for name in names)
-        if len(set(canonical)) != len(canonical):
-            raise ConfigError(f"loss_type: {list(names)} names a variant twice")
-        object.__setattr__(self, "loss_type", canonical)
-
-        if self.loss_weights is not None:
-            weights = tuple(_real("loss_weights", w) for w in _names("loss_weights", self.loss_weights, numbers.Real))
-            if len(weights) != len(canonical):
-                raise ConfigError(f"loss_weights: {len(weights)} weights for {len(canonical)} loss types")
-            if any(w < 0 for w in weights):
-                raise ConfigError(f"loss_weights: must be >= 0, got {list(weights)}")
-            object.__setattr__(self, "loss_weights", weights)
-
-        for name in ("reference_free", "use_weighting", "ipo_length_normalized"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        if _real("beta", self.beta) <= 0:
-            raise ConfigError(f"beta: must be > 0, got {self.beta}")
-        if not 0.0 <= _real("label_smoothing", self.label_smoothing) < 0.5:
-            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if "exo_pair" in canonical and self.label_smoothing == 0:
-            raise ConfigError("label_smoothing: exo_pair needs label_smoothing > 0 (its loss has log(ε))")
-        if _real("discopop_tau", self.discopop_tau) <= 0:
-            raise ConfigError(f"discopop_tau: must be > 0, got {self.discopop_tau}")
-        _f_divergence(self.f_divergence_type)
-        alpha = _real("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
-        if self.f_divergence_type == "alpha_divergence" and not 0.0 <= alpha <= 1.0:
-            raise ConfigError("f_alpha_divergence_coef: must be in [0, 1] (0 = forward KL, 1 = reverse KL; "
-                              f"TRL 1.x convention), got {self.f_alpha_divergence_coef}")
-        if "aot" in canonical and self.f_divergence_type != "reverse_kl":
-            raise ConfigError("f_divergence_type: aot compares policy and reference margins, which have no "
-                              "f-divergence score; use reverse_kl or aot_pair")
-        if self.ld_alpha is not None and not 0.0 <= _real("ld_alpha", self.ld_alpha) <= 1.0:
-            raise ConfigError(f"ld_alpha: must be in [0, 1] or null, got {self.ld_alpha}")
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        """One weight per loss type (1.0 each when loss_weights is None)."""
-        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_type)
-
-
-# Fields of LossSpec that are per-variant hyperparameters, i.e. keyword arguments of dpo_loss.
-_VARIANT_FIELDS = ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
-                   "reference_free", "ipo_length_normalized")
+LOSS_REGISTRY: dict[str, LossFn] = _registered_functions()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,10 +300,10 @@ def _check_shapes(**tensors: Tensor | None) -> None:
     named = [(name, t) for name, t in tensors.items() if t is not None]
     first_name, first = named[0]
     if first.dim() != 1:
-        raise ConfigError(f"{first_name}: expected shape (batch,), got {tuple(first.shape)}")
+        raise ValueError(f"{first_name}: expected shape (batch,), got {tuple(first.shape)}")
     for name, t in named[1:]:
         if t.shape != first.shape:
-            raise ConfigError(f"{name}: shape {tuple(t.shape)} does not match {first_name} {tuple(first.shape)}")
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {first_name} {tuple(first.shape)}")
 
 
 def dpo_loss(
@@ -441,22 +334,30 @@ def dpo_loss(
     is BCO's running reward mean δ (a scalar; :func:`compute_loss` keeps it in a :class:`LossState`).
     """
     if not isinstance(loss_type, str):
-        raise ConfigError(f"loss_type: dpo_loss takes one variant name, got {loss_type!r}; use compute_loss for MPO")
+        raise TypeError(f"loss_type: dpo_loss takes one variant name, got {loss_type!r}; use compute_loss for MPO")
     spec = LossSpec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
                     f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                     discopop_tau=discopop_tau, reference_free=reference_free,
                     ipo_length_normalized=ipo_length_normalized)
+    return _variant_losses(spec, spec.loss_type[0], policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                           ref_rejected_logps, chosen_lengths, rejected_lengths, bco_delta)
+
+
+def _variant_losses(spec: LossSpec, variant: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                    ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, chosen_lengths: Tensor | None,
+                    rejected_lengths: Tensor | None, bco_delta: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`dpo_loss` with an already validated ``spec`` (what :func:`compute_loss` calls per micro-batch)."""
     _check_shapes(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                   ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     ref_chosen, ref_rejected = ref_chosen_logps.detach(), ref_rejected_logps.detach()
-    chosen_rewards = beta * (policy_chosen_logps.detach() - ref_chosen)
-    rejected_rewards = beta * (policy_rejected_logps.detach() - ref_rejected)
-    if reference_free:
+    chosen_rewards = spec.beta * (policy_chosen_logps.detach() - ref_chosen)
+    rejected_rewards = spec.beta * (policy_rejected_logps.detach() - ref_rejected)
+    if spec.reference_free:
         ref_chosen, ref_rejected = torch.zeros_like(ref_chosen), torch.zeros_like(ref_rejected)
 
     def score(logratios: Tensor) -> Tensor:
-        return f_divergence_scores(logratios, f_divergence_type, f_alpha_divergence_coef)
+        return f_divergence_scores(logratios, spec.f_divergence_type, spec.f_alpha_divergence_coef)
 
     inputs = VariantInputs(
         chosen=score(policy_chosen_logps - ref_chosen),
@@ -468,8 +369,7 @@ def dpo_loss(
         rejected_lengths=rejected_lengths,
         bco_delta=bco_delta.detach() if isinstance(bco_delta, Tensor) else bco_delta,
     )
-    losses = LOSS_REGISTRY[spec.loss_type[0]](inputs, spec)
-    return losses, chosen_rewards, rejected_rewards
+    return LOSS_REGISTRY[variant](inputs, spec), chosen_rewards, rejected_rewards
 
 
 def preference_loss(
@@ -541,7 +441,7 @@ class PairLogps:
     def require(self, *names: str, side: str, reason: str) -> tuple[Tensor, ...]:
         missing = [name for name in names if getattr(self, name) is None]
         if missing:
-            raise ConfigError(f"{reason}: the {side} PairLogps lacks {', '.join(missing)}")
+            raise ValueError(f"{reason}: the {side} PairLogps lacks {', '.join(missing)}")
         return tuple(getattr(self, name) for name in names)
 
 
@@ -581,12 +481,12 @@ class LossState:
         return {"bco_mean": float(self._bco_mean), "bco_count": self._bco_count}
 
     def load_state_dict(self, d: dict) -> None:
-        if set(d) != {"bco_mean", "bco_count"}:
-            raise ConfigError(f"LossState: expected keys bco_mean and bco_count, got {sorted(d)}")
+        if set(d) != {"bco_mean", "bco_count"} or not math.isfinite(d["bco_mean"]):
+            raise ArtifactError(f"LossState: expected keys bco_mean and bco_count, got {sorted(d)}")
         count = d["bco_count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ConfigError(f"LossState: bco_count must be a count, got {count!r}")
-        self._bco_mean = torch.tensor(_real("bco_mean", d["bco_mean"]), dtype=torch.float64)
+            raise ArtifactError(f"LossState: bco_count must be a count, got {count!r}")
+        self._bco_mean = torch.tensor(float(d["bco_mean"]), dtype=torch.float64)
         self._bco_count = count
 
 
@@ -597,7 +497,7 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
     Applies LD-DPO (``spec.ld_alpha``, to policy and reference alike) and WPO weighting (``spec.use_weighting``),
     then each variant of ``spec.loss_type`` through :func:`dpo_loss`. Loss = Σ_k w_k · mean_i(wpo_i · ℓ_k,i), with
     wpo_i = 1 without weighting. ``reference`` may be None only when ``spec.reference_free``; ``state`` is
-    required by bco_pair. Raises ConfigError if a field the spec needs is None.
+    required by bco_pair. A field the spec needs that is None is a caller's bug: ValueError.
 
     Metrics are detached scalars, means over this batch (gather or average across ranks for logging):
     rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (the
@@ -605,7 +505,7 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
     """
     if reference is None:
         if not spec.reference_free:
-            raise ConfigError("reference_free: a reference is required unless reference_free is true")
+            raise ValueError("reference_free: a reference is required unless reference_free is true")
         zeros = torch.zeros_like(policy.chosen).detach()
         reference = PairLogps(chosen=zeros, rejected=zeros, chosen_public=zeros, rejected_public=zeros)
     _check_shapes(policy=policy.chosen, reference=reference.chosen)
@@ -628,23 +528,21 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
                                               side="policy", reason="use_weighting (WPO)"))
 
     bco_delta: Tensor | float = 0.0
-    if "bco_pair" in spec.loss_type:
+    if spec.needs("running_mean"):
         if state is None:
-            raise ConfigError("loss_type: bco_pair keeps a running reward mean; pass a LossState")
+            raise ValueError("loss_type: bco_pair keeps a running reward mean; pass a LossState")
         ref_w, ref_l = (0.0, 0.0) if spec.reference_free else (ref_chosen.detach(), ref_rejected.detach())
         scores = f_divergence_scores(torch.cat([chosen - ref_w, rejected - ref_l]).detach(),
                                      spec.f_divergence_type, spec.f_alpha_divergence_coef)
         bco_delta = state.update_bco(spec.beta * scores)
 
-    variant_kwargs = {name: getattr(spec, name) for name in _VARIANT_FIELDS}
     total = 0.0
     metrics: dict[str, Tensor] = {}
     for name, weight in zip(spec.loss_type, spec.weights, strict=True):
         # SFT is the NLL of the whole chosen completion, so it reads the raw sums, not the LD-DPO ones.
         logps = (policy.chosen, policy.rejected) if name == "sft" else (chosen, rejected)
-        losses, _, _ = dpo_loss(*logps, ref_chosen, ref_rejected, loss_type=name, **variant_kwargs,
-                                chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
-                                bco_delta=bco_delta)
+        losses, _, _ = _variant_losses(spec, name, *logps, ref_chosen, ref_rejected, policy.chosen_lengths,
+                                       policy.rejected_lengths, bco_delta)
         term = (losses * weights).mean() if weights is not None else losses.mean()
         metrics[f"loss/{name}"] = term.detach()
         total = total + weight * term

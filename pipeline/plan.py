@@ -6,7 +6,8 @@ fingerprints of the artifacts it reads plus what its own stage reads. :class:`Pl
 
 **Fingerprint inputs are derived, not listed.** The tokenized and reference artifacts depend on content (the
 dataset's bytes, the tokenizer's files, the model's weights) and on the few fields their stages read
-(:data:`TOKENIZE_FIELDS`, :data:`REFERENCE_FIELDS`). The training run depends on *every other config field*,
+(``TOKENIZE_FIELDS``, ``REFERENCE_FIELDS``, each declared beside the code that
+reads them). The training run depends on *every other config field*,
 by value, except the declared :data:`NOT_ARTIFACT_FIELDS`, which cannot change a trained model (where outputs
 go, how ranks start, how often to log or save). A field added to the config therefore enters the training
 fingerprint by default: forgetting a list can cost a needless rerun, never a stale result.
@@ -23,21 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import data, reference
-from pipeline.artifacts import artifact_dir, expected_fingerprint
+from pipeline.artifacts import artifact_dir, expected_fingerprint, model_weights_hash
 from pipeline.config import FIELD_NAMES, DPOPipelineConfig
-from pipeline.distributed import load_ds_config
+from pipeline.ds_config import load_ds_config
 from pipeline.models import resolve_model_dir
+from pipeline.reference import cache as reference_cache
+from pipeline.reference.cache import REFERENCE_FIELDS, dtype_name, reference_inputs, scored_splits
+from pipeline.tokenize import artifact as tokenized
+from pipeline.tokenize.artifact import TOKENIZE_FIELDS
+from pipeline.tokenize.sources import SplitSource, resolve_sources
 
 TRAIN_KIND = "train"
 TRAIN_SCHEMA_VERSION = 2
 
-# Read by the tokenize stage; later artifacts see them through the tokenized fingerprint. (The model and the
-# dataset enter by content: the tokenizer's files, the dataset's bytes.)
-TOKENIZE_FIELDS = frozenset({"model_name_or_path", "dataset_name", "dataset_train_split", "dataset_test_split",
-                             "max_length", "max_prompt_length", "max_completion_length", "truncation_mode"})
-# Read by the reference stage besides the tokenized artifact: the weights' dtype, and which splits it scores.
-REFERENCE_FIELDS = frozenset({"bf16", "sync_ref_model"})
 # Cannot change any artifact's content that matters: paths, launching, observation, cadence of saves.
 NOT_ARTIFACT_FIELDS = frozenset({
     "output_dir",                                   # where the artifacts go (they are content-addressed below it)
@@ -64,9 +63,12 @@ class Plan:
 
     config: DPOPipelineConfig
     model_dir: Path
+    sources: dict[str, SplitSource]  # the dataset's splits, by role ("train", "eval")
     tokenized_fingerprint: str
     tokenized_dir: Path
-    reference_dir: Path          # the reference stage's artifact: train + eval (eval only under TR-DPO)
+    reference_weights: str       # content hash of the initial weights: the reference, and where the policy starts
+    reference_splits: list[str]  # what the reference stage scores: train + eval (eval only under TR-DPO)
+    reference_dir: Path
     train_inputs: dict[str, Any]  # everything that changes the trained weights
     train_fingerprint: str
     train_dir: Path
@@ -74,8 +76,13 @@ class Plan:
     @classmethod
     def of(cls, config: DPOPipelineConfig) -> Plan:
         model_dir = resolve_model_dir(config)
-        tokenized_fp = data.tokenized_fingerprint(config, model_dir=model_dir)
-        reference_dir = reference.reference_dir_for(config, tokenized_fingerprint=tokenized_fp, model_dir=model_dir)
+        sources = resolve_sources(config)
+        tokenized_fp = tokenized.tokenized_fingerprint(config, model_dir=model_dir, sources=sources)
+        weights = model_weights_hash(model_dir)
+        splits = scored_splits(config, list(sources))
+        reference_fp = expected_fingerprint(reference_cache.KIND, reference_cache.SCHEMA_VERSION, reference_inputs(
+            tokenized_fingerprint=tokenized_fp, weights_hash=weights, dtype=dtype_name(config), splits=splits))
+        reference_dir = artifact_dir(config.output_path, reference_cache.KIND, reference_fp)
         inputs = {
             **config.subset(*training_fields()),
             "tokenized": tokenized_fp,
@@ -84,8 +91,9 @@ class Plan:
             "deepspeed": load_ds_config(config.resolve_path(config.deepspeed)),  # the ds_config's content
         }
         fp = expected_fingerprint(TRAIN_KIND, TRAIN_SCHEMA_VERSION, inputs)
-        return cls(config, model_dir, tokenized_fp, artifact_dir(config.output_path, data.KIND, tokenized_fp),
-                   reference_dir, inputs, fp, artifact_dir(config.output_path, TRAIN_KIND, fp))
+        tokenized_dir = artifact_dir(config.output_path, tokenized.KIND, tokenized_fp)
+        return cls(config, model_dir, sources, tokenized_fp, tokenized_dir,
+                   weights, splits, reference_dir, inputs, fp, artifact_dir(config.output_path, TRAIN_KIND, fp))
 
 
 __all__ = ["NOT_ARTIFACT_FIELDS", "Plan", "REFERENCE_FIELDS", "TOKENIZE_FIELDS", "training_fields"]

@@ -10,11 +10,10 @@ save it with ``save_pretrained``. Everything downstream loads it with ``AutoMode
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from pipeline.artifacts import atomic_dir
 from pipeline.config import REPO_ROOT
 
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "tiny-llama"
@@ -74,16 +73,9 @@ def build_tiny_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, corpus_files=DE
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -59,6 +59,6 @@ def make_config(tmp_path, tiny_model_dir):
 @pytest.fixture
 def tokenized_dir(make_config) -> Path:
     """The tokenized artifact of the default small config."""
-    from pipeline.data import tokenize_stage
+    from pipeline.tokenize.stage import tokenize_stage
 
     return tokenize_stage(make_config())

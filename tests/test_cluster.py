@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import distributed, launch
+from pipeline import distributed, launch, ranks
 from pipeline.artifacts import WEIGHT_DIGESTS_DIR, model_weights_hash
 from pipeline.cli import build_parser
 from pipeline.config import REPO_ROOT, save_config
-from pipeline.data import tokenize_stage
 from pipeline.errors import ConfigError
-from pipeline.reference import _inference_ds_config, model_parameter_count, reference_stage
-from pipeline.train import MetricSums, read_summary, train_dir_for, weight_decay_groups
+from pipeline.plan import Plan
+from pipeline.reference.stage import _inference_ds_config, model_parameter_count, reference_stage
+from pipeline.tokenize.stage import tokenize_stage
+from pipeline.train.stage import MetricSums, read_summary, weight_decay_groups
 
 CONFIGS = REPO_ROOT / "configs"
 DS_ZERO2, DS_ZERO3 = str(CONFIGS / "ds_zero2.json"), str(CONFIGS / "ds_zero3.json")
@@ -38,28 +39,28 @@ SRUN_TASK = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", 
 
 
 def test_srun_task_variables_become_rank_variables_the_same_on_every_task():
-    mapped = distributed.scheduler_rank_environment(SRUN_TASK)
+    mapped = ranks.scheduler_rank_environment(SRUN_TASK)
     assert mapped["RANK"] == "1" and mapped["LOCAL_RANK"] == "1" and mapped["WORLD_SIZE"] == "4"
     assert mapped["LOCAL_WORLD_SIZE"] == "2" and mapped["MASTER_ADDR"] == "gpu007"
-    other = distributed.scheduler_rank_environment({**SRUN_TASK, "SLURM_PROCID": "3", "SLURM_LOCALID": "1"})
+    other = ranks.scheduler_rank_environment({**SRUN_TASK, "SLURM_PROCID": "3", "SLURM_LOCALID": "1"})
     assert other["MASTER_PORT"] == mapped["MASTER_PORT"] and other["RANK"] == "3"
 
 
 def test_an_sbatch_script_or_salloc_shell_is_one_process_not_a_rank():
     batch = {k: v for k, v in SRUN_TASK.items() if k not in ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS")}
-    assert distributed.scheduler_rank_environment(batch) == {}
+    assert ranks.scheduler_rank_environment(batch) == {}
 
 
 def test_openmpi_ranks_and_the_multi_node_master_they_cannot_guess():
     single = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
               "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
-    assert distributed.scheduler_rank_environment(single)["MASTER_ADDR"] == "127.0.0.1"
+    assert ranks.scheduler_rank_environment(single)["MASTER_ADDR"] == "127.0.0.1"
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
-        distributed.scheduler_rank_environment({**single, "OMPI_COMM_WORLD_SIZE": "4"})
+        ranks.scheduler_rank_environment({**single, "OMPI_COMM_WORLD_SIZE": "4"})
 
 
 def test_a_partial_launcher_environment_is_refused_naming_the_node(monkeypatch):
-    for name in (*distributed.RANK_VARIABLES, distributed.NO_LAUNCHER):
+    for name in (*ranks.RANK_VARIABLES, ranks.NO_LAUNCHER):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=rf"on {os.uname().nodename}: WORLD_SIZE set but RANK not"):
@@ -67,9 +68,9 @@ def test_a_partial_launcher_environment_is_refused_naming_the_node(monkeypatch):
 
 
 def test_slurm_node_lists_give_their_first_host():
-    assert distributed.first_host("gpu[003-010,012],cpu1") == "gpu003"
-    assert distributed.first_host("node7,node8") == "node7"
-    assert distributed.first_host("a[1,3]") == "a1"
+    assert ranks.first_host("gpu[003-010,012],cpu1") == "gpu003"
+    assert ranks.first_host("node7,node8") == "node7"
+    assert ranks.first_host("a[1,3]") == "a1"
 
 
 def test_a_gpu_job_never_falls_back_to_cpu_silently():
@@ -170,7 +171,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 def _two_nodes(stage: str, config_path: Path, *, node1_prefix: tuple[str, ...] = (), timeout=600):
     """``torchrun --nnodes 2`` twice on loopback, one rank each: two "nodes" sharing the output directory."""
-    port = str(distributed.free_port())
+    port = str(ranks.free_port())
     procs = []
     for node in (0, 1):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
@@ -198,7 +199,7 @@ def test_two_nodes_of_one_rank_equal_one_node_of_two_ranks(make_config, tmp_path
             path = _saved(config.model_copy(update={"num_processes": 1}), tmp_path, layout)
             _two_nodes("reference", path)
             _two_nodes("train", path)
-        results[layout] = (config, train_dir_for(config.model_copy(update={"num_processes": 1})))
+        results[layout] = (config, Plan.of(config.model_copy(update={"num_processes": 1})).train_dir)
     (_, one_dir), (_, two_dir) = results["one-node"], results["two-nodes"]
     assert read_summary(one_dir)["world_size"] == read_summary(two_dir)["world_size"] == 2
     np.testing.assert_allclose(_losses(one_dir), _losses(two_dir), rtol=0, atol=1e-5)
@@ -217,10 +218,10 @@ def test_deepspeed_launcher_with_two_ranks_as_documented(make_config, tmp_path):
     reference_stage(config)
     path = _saved(config, tmp_path, "cfg")
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    done = _cli([launcher, "--num_gpus", "2", "--master_port", str(distributed.free_port()),
+    done = _cli([launcher, "--num_gpus", "2", "--master_port", str(ranks.free_port()),
                  "--module", "pipeline.cli", "train", "--config", str(path)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert read_summary(train_dir_for(config))["world_size"] == 2
+    assert read_summary(Plan.of(config).train_dir)["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -228,7 +229,7 @@ def test_srun_style_ranks_with_only_slurm_variables(make_config, tmp_path):
     config = _prepare(make_config, output_dir=str(tmp_path / "out"))
     reference_stage(config)
     path = _saved(config, tmp_path, "cfg")
-    port = str(distributed.free_port())
+    port = str(ranks.free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(path)], cwd=REPO_ROOT,
                               env={**launch.job_environment(), "OMP_NUM_THREADS": "1", "MASTER_PORT": port,
                                    **SRUN_TASK, "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2",
@@ -237,7 +238,7 @@ def test_srun_style_ranks_with_only_slurm_variables(make_config, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    assert "RANK" not in procs[0].args and read_summary(train_dir_for(config))["world_size"] == 2
+    assert "RANK" not in procs[0].args and read_summary(Plan.of(config).train_dir)["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -247,7 +248,7 @@ def test_a_node_that_does_not_see_the_completion_marker_follows_rank_0(make_conf
     config = _prepare(make_config, output_dir=str(tmp_path / "out"), max_steps=2)
     reference_stage(config)
     path = _saved(config, tmp_path, "cfg")
-    run_dir = train_dir_for(config)
+    run_dir = Plan.of(config).train_dir
     _cli([sys.executable, "-m", "pipeline.cli", "train", "--config", str(path)], check=True)
     before = (run_dir / "metrics.jsonl").read_bytes()
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
@@ -265,7 +266,7 @@ def test_two_c10d_nodes_with_different_configs_are_refused_before_any_model_work
     config = _prepare(make_config, output_dir=str(tmp_path / "out"))
     reference_stage(config)
     path, other = _saved(config, tmp_path, "cfg"), _saved(config.model_copy(update={"beta": 0.5}), tmp_path, "b")
-    endpoint = f"127.0.0.1:{distributed.free_port()}"  # c10d rendezvous here (the others use a static master)
+    endpoint = f"127.0.0.1:{ranks.free_port()}"  # c10d rendezvous here (the others use a static master)
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
                                str(node), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                                endpoint, "--rdzv_id", "configs", "-m", "pipeline.cli", "train", "--config", str(cfg)],
@@ -285,7 +286,7 @@ def test_weight_decay_is_applied_under_zero3(make_config, tmp_path):
     differ from the weights trained without it."""
     from safetensors.torch import load_file
 
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
     finals = {}
     for name, ds, decay in (("zero3", DS_ZERO3, 0.5), ("zero0", None, 0.5), ("none", None, 0.0)):
@@ -307,7 +308,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_checkpoint(make
     errors = [line for line in done.stderr.splitlines() if line.startswith("dpo-pipeline train: error:")]
     assert len(errors) == 1 and "step 3: non-finite loss (nan)" in errors[0]
     assert "checkpoints/step-2 (step 2)" in errors[0] and "Traceback" not in done.stderr
-    assert not (train_dir_for(config) / "checkpoints" / "step-3").exists()
+    assert not (Plan.of(config).train_dir / "checkpoints" / "step-3").exists()
 
 
 @pytest.mark.slow
@@ -322,11 +323,11 @@ def test_tr_dpo_on_two_nodes_equals_one_node_of_two_ranks(make_config, tmp_path)
         path = _saved(config, tmp_path, layout)
         if layout == "one-node":
             done = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                         str(distributed.free_port()), "-m", "pipeline.cli", "train", "--config", str(path)])
+                         str(ranks.free_port()), "-m", "pipeline.cli", "train", "--config", str(path)])
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         else:
             _two_nodes("train", path)
-        runs[layout] = train_dir_for(config)
+        runs[layout] = Plan.of(config).train_dir
     one, two = runs["one-node"], runs["two-nodes"]
     np.testing.assert_allclose(_losses(one), _losses(two), rtol=0, atol=1e-5)
     summary = read_summary(two)

@@ -1,4 +1,4 @@
-"""Tests for the tokenize stage (pipeline.data): truncation rule, input formats and sources, the artifact
+"""Tests for the tokenize stage (pipeline.tokenize): truncation rule, input formats and sources, the artifact
 contract (schema, fingerprint, reuse, byte-identity) and every kind of bad input."""
 
 import json
@@ -11,16 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import REPO_ROOT
-from pipeline.data import (
-    SCHEMA,
-    SKIP_REASONS,
-    Truncation,
-    load_tokenized,
-    tokenize_stage,
-    tokenized_fingerprint,
-    tokenized_manifest,
-)
 from pipeline.errors import ArtifactError, DataError
+from pipeline.tokenize.artifact import SCHEMA, load_tokenized, tokenized_fingerprint, tokenized_manifest
+from pipeline.tokenize.formats import SKIP_REASONS
+from pipeline.tokenize.stage import tokenize_stage
+from pipeline.tokenize.truncation import Truncation
 
 CHAT_SAMPLE = REPO_ROOT / "data" / "conversational_sample.jsonl"
 
@@ -206,7 +201,7 @@ def test_rerun_gives_byte_identical_parquet(make_config, tmp_path):
 
 def test_complete_artifact_is_reused(make_config, tokenized_dir, caplog):
     before = (tokenized_dir / "train.parquet").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="pipeline.data"):
+    with caplog.at_level(logging.INFO, logger="pipeline.tokenize"):
         assert tokenize_stage(make_config()) == tokenized_dir
     assert "reusing" in caplog.text
     assert (tokenized_dir / "train.parquet").stat().st_mtime_ns == before
@@ -350,7 +345,7 @@ def test_unusable_rows_are_skipped_counted_and_logged(make_config, tmp_path, cap
     ]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     config = make_config(dataset_name=str(data), max_length=40, max_prompt_length=None, max_completion_length=3)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tokenize"):
         out = tokenize_stage(config)
     assert load_tokenized(out, "train").column("example_id").to_pylist() == [0, 6]  # the same ids, with gaps
     manifest = tokenized_manifest(out)

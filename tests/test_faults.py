@@ -27,6 +27,7 @@ from pipeline.errors import ArtifactError, StorageError
 from pipeline.launch import JobFailed, job_environment, run_stage
 from pipeline.lock import output_dir_lock
 from pipeline.metrics import MetricsLog
+from pipeline.plan import Plan
 
 DPO_PIPELINE = str(Path(sys.executable).parent / "dpo-pipeline")
 
@@ -213,12 +214,11 @@ def test_permission_denied_is_a_storage_error(as_nobody):
 def test_a_stage_job_refused_by_storage_is_not_worth_a_retry(make_config, tokenized_dir):
     config = make_config()
     (config.output_path / "reference").write_text("not a directory")  # where the job writes its artifact
-    with pytest.raises(JobFailed) as failed:
+    with pytest.raises(StorageError) as failed:  # the rank's own error, by type: flows.tasks does not retry it
         run_stage("reference", config)
-    assert failed.value.refused_input  # flows.tasks does not retry such a job
-    headline = str(failed.value).splitlines()[1]
-    assert headline.startswith("dpo-pipeline reference: error: cannot write ")
-    assert f"{config.output_path / 'reference'} is a file, not a directory" in headline
+    assert str(failed.value).startswith("cannot write ")
+    assert f"{config.output_path / 'reference'} is a file, not a directory" in str(failed.value)
+    assert isinstance(failed.value.__cause__, JobFailed)
 
 
 
@@ -228,9 +228,9 @@ def test_a_full_disk_at_a_training_checkpoint_is_one_line_and_the_rerun_is_exact
     traceback, the previous state intact; after freeing space the rerun ends at the uninterrupted weights."""
     from safetensors.torch import load_file
 
-    from pipeline.data import tokenize_stage
-    from pipeline.reference import reference_stage
-    from pipeline.train import train_dir_for, train_stage
+    from pipeline.reference.stage import reference_stage
+    from pipeline.tokenize.stage import tokenize_stage
+    from pipeline.train.stage import train_stage
 
     settings = dict(max_steps=4, save_steps=2, eval_steps=None, deepspeed=str(REPO_ROOT / "configs" / "ds_zero2.json"))
     uninterrupted = make_config(output_dir=str(tmp_path / "uninterrupted"), **settings)
@@ -260,7 +260,7 @@ def test_a_full_disk_at_a_training_checkpoint_is_one_line_and_the_rerun_is_exact
         assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
         line = one_error_line(done, "train")
         assert "no space left on" in line and "checkpoints" in line and "free space there" in line
-        run_dir = train_dir_for(config)
+        run_dir = Plan.of(config).train_dir
         assert not (run_dir / "checkpoints" / "step-2" / "trainer_state.json").exists()
         ballast.unlink()
         assert train().returncode == 0

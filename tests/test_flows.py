@@ -42,10 +42,9 @@ from flows.jobs import kill_flow_run_groups  # noqa: E402
 from flows.pipeline_flow import dpo_pipeline  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.config import REPO_ROOT, load_config, save_config  # noqa: E402
-from pipeline.distributed import free_port  # noqa: E402
 from pipeline.metrics import read_summary  # noqa: E402
-from pipeline.reference import reference_dir_for  # noqa: E402
-from pipeline.train import train_dir_for  # noqa: E402
+from pipeline.plan import Plan  # noqa: E402
+from pipeline.ranks import free_port  # noqa: E402
 
 DEFAULT_CONFIG = str(REPO_ROOT / "configs" / "default.yaml")
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -137,7 +136,7 @@ def test_full_tiny_default_run_then_a_rerun_is_all_cached(prefect_api, tiny, tmp
 
     assert cli.main(["run", "--config", str(config_file)]) == 0  # the README's first command
     first = latest_flow_run_id()
-    run_dir = train_dir_for(config)
+    run_dir = Plan.of(config).train_dir
     printed = capsys.readouterr().out
     assert str(run_dir) in printed and "loss.png" in printed and "eval reward accuracy" in printed
     summary = read_summary(run_dir)
@@ -183,10 +182,11 @@ def test_changed_beta_reruns_only_training_which_resumes_when_its_job_is_killed(
     before = snapshot(config)
 
     changed = load_config(DEFAULT_CONFIG, overrides | {"beta": 0.3})
-    assert reference_dir_for(changed) == reference_dir_for(config) and train_dir_for(changed) != train_dir_for(config)
+    before, after = Plan.of(config), Plan.of(changed)
+    assert after.reference_dir == before.reference_dir and after.train_dir != before.train_dir
     killed: list[int] = []
     killer = threading.Thread(target=_kill_training_rank_after_checkpoint,
-                              args=(train_dir_for(changed), changed.output_path, killed))
+                              args=(Plan.of(changed).train_dir, changed.output_path, killed))
     killer.start()
     second = dpo_pipeline(config_path=DEFAULT_CONFIG, overrides=overrides | {"beta": 0.3}, return_state=True)
     killer.join()
@@ -200,7 +200,7 @@ def test_changed_beta_reruns_only_training_which_resumes_when_its_job_is_killed(
     assert all(after[name] == content for name, content in before.items() if not name.startswith("logs/train"))
     train_log = (changed.output_path / "logs" / "train.log").read_text()
     assert int(re.search(r"resumed from \S+ at step (\d+) of 12", train_log)[1]) >= 2
-    records = [json.loads(line) for line in (train_dir_for(changed) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Plan.of(changed).train_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))  # each step once, across the kill
 
 
@@ -213,13 +213,14 @@ def test_invalid_config_fails_the_flow_before_any_work(prefect_api, tiny):
     assert not Path(overrides["output_dir"]).exists()
 
 
-def test_a_failed_stage_job_reports_exit_code_and_log_tail_without_retry(prefect_api, tiny, tmp_path):
+def test_a_stage_job_that_refuses_its_input_fails_the_flow_with_that_error_without_retry(prefect_api, tiny,
+                                                                                          tmp_path):
     ds_config = tmp_path / "ds_fp16.json"
     ds_config.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}))
     state = dpo_pipeline(config_path=DEFAULT_CONFIG, overrides=tiny(deepspeed=str(ds_config)), return_state=True)
     assert state.is_failed()
-    assert "reference job failed with exit code 1" in state.message
-    assert "fp16 is not supported on CPU" in state.message  # the stage's own message, from the log's tail
+    # The rank's own error, with its type (from the job's error record, not from its log).
+    assert state.message.endswith("ConfigError: deepspeed: fp16 is not supported on CPU; use bf16 or fp32")
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["reference-pass"].state.name == "Failed" and runs["reference-pass"].run_count == 1  # not retried
 
@@ -340,7 +341,7 @@ def test_deployment_round_trip(prefect_server, tiny, tmp_path):
     run = flow_run(run_id)
     assert run.state.is_completed(), out + (tmp_path / "worker.log").read_text()[-3000:]
     config = load_config(DEFAULT_CONFIG, overrides)
-    assert read_summary(train_dir_for(config))["num_steps"] == 2
+    assert read_summary(Plan.of(config).train_dir)["num_steps"] == 2
     assert {"dpo-final-metrics", "dpo-run-report", "train-progress", "reference-progress"} <= set(artifacts(run.id))
 
 

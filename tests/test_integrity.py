@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from pipeline.artifacts import MANIFEST, hash_file, write_manifest
 from pipeline.config import REPO_ROOT
-from pipeline.data import tokenize_stage, tokenized_fingerprint
 from pipeline.errors import ArtifactError
-from pipeline.reference import KIND as REFERENCE_KIND
-from pipeline.reference import SCHEMA_VERSION as REFERENCE_SCHEMA
-from pipeline.reference import reference_stage
-from pipeline.train import train_dir_for, train_stage
+from pipeline.plan import Plan
+from pipeline.reference.cache import KIND as REFERENCE_KIND
+from pipeline.reference.cache import SCHEMA_VERSION as REFERENCE_SCHEMA
+from pipeline.reference.stage import reference_stage
+from pipeline.tokenize.artifact import tokenized_fingerprint
+from pipeline.tokenize.stage import tokenize_stage
+from pipeline.train.stage import train_stage
 
 SMALL = dict(max_steps=4, per_device_train_batch_size=4, eval_steps=None, save_steps=None,
              deepspeed=str(REPO_ROOT / "configs" / "ds_zero2.json"))
@@ -104,7 +106,7 @@ def test_a_truncated_complete_checkpoint_falls_back_to_the_previous_one(make_con
     weights = {}
     for name in ("uninterrupted", "damaged"):
         config, _ = _prepared(make_config, tmp_path / name, max_steps=6, save_steps=2, save_total_limit=3)
-        run_dir = train_dir_for(config)
+        run_dir = Plan.of(config).train_dir
         if name == "damaged":
             train_stage(config, stop_step=4)  # checkpoints at steps 2 and 4, both with a marker
             newest = run_dir / "checkpoints" / "step-4"

@@ -7,6 +7,8 @@ import time
 import psutil
 import pytest
 
+from pipeline.config import REPO_ROOT
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.launch import JobFailed, run_job
 
 
@@ -57,12 +59,17 @@ def test_a_job_dies_with_the_process_that_started_it(tmp_path):
         time.sleep(0.1)
 
 
-def test_refused_input_is_told_apart_from_a_crash(tmp_path):
-    refuse = "import sys; print('dpo-pipeline demo: error: beta: must be > 0'); print('launcher noise'); sys.exit(1)"
-    with pytest.raises(JobFailed) as info:
-        run_job("demo", [sys.executable, "-c", refuse], log_path=tmp_path / "job.log")
-    assert info.value.refused_input
-    assert str(info.value).splitlines()[1] == "dpo-pipeline demo: error: beta: must be > 0"
-    with pytest.raises(JobFailed) as info:
-        run_job("demo", [sys.executable, "-c", "import os; os.abort()"], log_path=tmp_path / "job.log")
-    assert not info.value.refused_input
+def test_refused_input_comes_back_with_its_type_and_a_crash_as_job_failed(tmp_path):
+    # The real CLI in a job, refusing a config value: the launching process gets the rank's ConfigError itself
+    # (not retried, one line), found by type, not by reading the job's output.
+    error_file = tmp_path / "error.json"
+    refuse = [sys.executable, "-m", "pipeline.cli", "tokenize", "--config", str(REPO_ROOT / "configs" / "default.yaml"),
+              "beta=-1", "--error-file", str(error_file)]
+    with pytest.raises(ConfigError, match=r"^invalid config .*default.yaml: beta: must be > 0 \(got -1\)$") as info:
+        run_job("tokenize", refuse, log_path=tmp_path / "job.log", error_file=error_file)
+    assert isinstance(info.value.__cause__, JobFailed) and info.value.__cause__.returncode == 2
+    with pytest.raises(JobFailed) as crash:
+        run_job("demo", [sys.executable, "-c", "import os; os.abort()"], log_path=tmp_path / "job.log",
+                error_file=error_file)
+    assert not isinstance(crash.value, PipelineError) and crash.value.returncode < 0
+    assert not error_file.exists()  # a record of an earlier job never answers for this one

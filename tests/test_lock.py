@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import REPO_ROOT, load_config, save_config
-from pipeline.distributed import NO_LAUNCHER
 from pipeline.errors import LockError
 from pipeline.lock import LOCK_HELD, lock_path, output_dir_lock
-from pipeline.train import train_dir_for
+from pipeline.plan import Plan
+from pipeline.ranks import NO_LAUNCHER
 
 DPO_PIPELINE = str(Path(sys.executable).parent / "dpo-pipeline")
 DEFAULT_CONFIG = str(REPO_ROOT / "configs" / "default.yaml")
@@ -179,6 +179,6 @@ def test_concurrent_runs_on_one_output_dir_leave_one_clean_metrics_log(make_conf
     assert len(waited) == 1 and f"pid {first.pid} " in waited[0] and waited[0].endswith("waiting for that run to end")
     # The second run came after the first, found everything complete and did no model work.
     assert second_log.read_text().count("Finished in state Cached") == 3
-    records = [json.loads(line) for line in (train_dir_for(config) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Plan.of(config).train_dir / "metrics.jsonl").read_text().splitlines()]
     # Each step's train record once, in order, then the final eval record: one run's worth, nothing doubled.
     assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, True), (3, True), (4, True), (4, False)]

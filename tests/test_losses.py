@@ -1,5 +1,6 @@
 """Tests for pipeline.losses: every variant against an independently written expression (float64)."""
 
+import contextlib
 import copy
 import json
 import math
@@ -8,10 +9,9 @@ import threading
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError, PipelineError
+from pipeline.loss_spec import LOSS_TYPES, LossSpec
 from pipeline.losses import (
-    LOSS_TYPES,
-    LossSpec,
     LossState,
     PairLogps,
     compute_loss,
@@ -396,21 +396,30 @@ def test_bad_spec_through_dpo_loss():
         dpo_loss(pc, pr, rc, rr, loss_type="dpo")
     with pytest.raises(ConfigError, match="beta: must be > 0"):
         preference_loss(pc, pr, rc, rr, beta=0.0)
-    with pytest.raises(ConfigError, match="loss_type: dpo_loss takes one variant name"):
+    with pytest.raises(TypeError, match="loss_type: dpo_loss takes one variant name"):
         dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"])
+
+
+@contextlib.contextmanager
+def raises_bug(match: str):
+    """A caller's bug (a shape mismatch, a missing field): a ValueError that is not a PipelineError, so the CLI
+    keeps its traceback instead of printing it as a user's one-line error."""
+    with pytest.raises(ValueError, match=match) as caught:
+        yield
+    assert not isinstance(caught.value, PipelineError), caught.value
 
 
 def test_mismatched_shapes():
     pc, pr, rc, rr, lw, _ = draw(16)
-    with pytest.raises(ConfigError, match=r"ref_rejected_logps: shape \(7,\) does not match"):
+    with raises_bug(r"ref_rejected_logps: shape \(7,\) does not match"):
         dpo_loss(pc, pr, rc, rr[:7])
-    with pytest.raises(ConfigError, match=r"chosen_lengths: shape \(7,\)"):
+    with raises_bug(r"chosen_lengths: shape \(7,\)"):
         dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_lengths=lw[:7])
-    with pytest.raises(ConfigError, match=r"policy_chosen_logps: expected shape \(batch,\)"):
+    with raises_bug(r"policy_chosen_logps: expected shape \(batch,\)"):
         dpo_loss(pc[None], pr[None], rc[None], rr[None])
-    with pytest.raises(ConfigError, match="rejected: shape"):
+    with raises_bug("rejected: shape"):
         PairLogps(pc, pr[:4])
-    with pytest.raises(ConfigError, match="reference: shape"):
+    with raises_bug("reference: shape"):
         compute_loss(PairLogps(pc, pr), PairLogps(rc[:4], rr[:4]), LossSpec())
 
 
@@ -425,23 +434,23 @@ def test_mismatched_shapes():
 ])
 def test_missing_fields(spec, match):
     pc, pr, rc, rr, _, _ = draw(17)
-    with pytest.raises(ConfigError, match=match):
+    with raises_bug(match):
         compute_loss(PairLogps(pc, pr), PairLogps(rc, rr), spec)
 
 
 def test_missing_reference_fields_and_reference():
     pc, pr, rc, rr, _, _ = draw(18)
     policy = PairLogps(pc, pr, chosen_public=pc, rejected_public=pr)
-    with pytest.raises(ConfigError, match="the reference PairLogps lacks chosen_public"):
+    with raises_bug("the reference PairLogps lacks chosen_public"):
         compute_loss(policy, PairLogps(rc, rr), LossSpec(ld_alpha=0.5))
-    with pytest.raises(ConfigError, match="reference_free: a reference is required"):
+    with raises_bug("reference_free: a reference is required"):
         compute_loss(policy, None, LossSpec())
 
 
 def test_bad_state_dict():
     state = LossState()
-    with pytest.raises(ConfigError, match="LossState: expected keys"):
+    with pytest.raises(ArtifactError, match="LossState: expected keys"):
         state.load_state_dict({"bco_mean": 0.0})
-    with pytest.raises(ConfigError, match="bco_count must be a count"):
+    with pytest.raises(ArtifactError, match="bco_count must be a count"):
         state.load_state_dict({"bco_mean": 0.0, "bco_count": -1})
     assert copy.deepcopy(state).state_dict() == {"bco_mean": 0.0, "bco_count": 0}

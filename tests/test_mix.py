@@ -1,4 +1,4 @@
-"""The streaming safetensors mix (pipeline/mix.py), TR-DPO's export and audit tool: equal to TRL's in-memory
+"""The streaming safetensors mix (pipeline/train/mix.py), TR-DPO's export and audit tool: equal to TRL's in-memory
 sync bit for bit, any sharding and dtype, refusals of mismatched or broken files, constant memory."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import mix
 from pipeline.config import REPO_ROOT
 from pipeline.errors import ArtifactError
+from pipeline.train import mix
 
 
 def _llama(seed: int, dtype=torch.float32):
@@ -120,7 +120,7 @@ def test_mix_refuses_mismatched_or_broken_checkpoints(tmp_path):
 _MEASURE_MIX = """
 import json, sys
 from pathlib import Path
-from pipeline.mix import mix_safetensors
+from pipeline.train.mix import mix_safetensors
 print(json.dumps(mix_safetensors(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), 0.6)))
 """
 

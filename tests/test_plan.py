@@ -12,8 +12,8 @@ import shutil
 import pytest
 
 from pipeline.config import FIELD_NAMES, REPO_ROOT
-from pipeline.data import tokenize_stage
 from pipeline.plan import NOT_ARTIFACT_FIELDS, REFERENCE_FIELDS, TOKENIZE_FIELDS, Plan
+from pipeline.tokenize.stage import tokenize_stage
 
 # One valid change per field (a few need a companion field to be valid: both are of the same kind).
 ALTERNATIVES = {

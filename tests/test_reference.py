@@ -22,12 +22,17 @@ import pytest
 import torch
 from conftest import write_small_dataset
 
-from pipeline import data
-from pipeline import reference as ref
 from pipeline.artifacts import MANIFEST, read_manifest, write_manifest, write_parquet
 from pipeline.config import REPO_ROOT, load_config, save_config
 from pipeline.errors import ArtifactError, ConfigError, DataError, StorageError
 from pipeline.launch import job_environment
+from pipeline.logprobs import reference_pair_logps
+from pipeline.plan import Plan
+from pipeline.reference import cache
+from pipeline.reference import stage as reference_stage_module
+from pipeline.reference.stage import compute_reference_logps, reference_stage
+from pipeline.tokenize.artifact import load_tokenized
+from pipeline.tokenize.stage import tokenize_stage
 
 RTOL = ATOL = 1e-5
 
@@ -40,8 +45,8 @@ def scored(tmp_path_factory, tiny_model_dir):
         "model_name_or_path": str(tiny_model_dir), "dataset_name": str(write_small_dataset(root / "data")),
         "output_dir": str(root / "out"), "max_length": 64, "max_prompt_length": 32, "precompute_ref_batch_size": 8,
     })
-    tokenized_dir = data.tokenize_stage(config)
-    return config, tokenized_dir, ref.reference_stage(config)
+    tokenized_dir = tokenize_stage(config)
+    return config, tokenized_dir, reference_stage(config)
 
 
 def _plain_logps(model, prompt: list[int], completion: list[int]) -> tuple[float, float]:
@@ -60,11 +65,11 @@ def test_values_match_a_plain_transformers_forward(scored, tiny_model_dir):
     _, tokenized_dir, ref_dir = scored
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     for split, every in (("eval", 1), ("train", 4)):  # every eval pair, every 4th train pair: ~5 s
-        all_rows = data.load_tokenized(tokenized_dir, split).to_pylist()
-        everything = ref.load_reference_logps(ref_dir, split=split, expected_ids=[r["example_id"] for r in all_rows])
+        all_rows = load_tokenized(tokenized_dir, split).to_pylist()
+        everything = cache.load_reference_logps(ref_dir, split=split, expected_ids=[r["example_id"] for r in all_rows])
         assert everything.example_ids.tolist() == [r["example_id"] for r in all_rows]  # example_id order
         rows = all_rows[::every]
-        got = everything.pair_logps([r["example_id"] for r in rows])
+        got = reference_pair_logps(everything.take([r["example_id"] for r in rows]))
         expected = {name: [] for name in ("chosen", "rejected", "chosen_public", "rejected_public")}
         for row in rows:
             public = min(row["chosen_length"], row["rejected_length"])
@@ -82,15 +87,15 @@ def test_values_match_a_plain_transformers_forward(scored, tiny_model_dir):
         assert any(r["chosen_length"] != r["rejected_length"] for r in rows)
 
 
-def test_pair_logps_returns_rows_in_the_requested_order(scored):
+def test_reference_rows_come_in_the_requested_order(scored):
     _, _, ref_dir = scored
-    logps = ref.load_reference_logps(ref_dir, split="train")
-    pairs = logps.pair_logps(torch.tensor([7, 2]))
+    logps = cache.load_reference_logps(ref_dir, split="train")
+    pairs = reference_pair_logps(logps.take([7, 2]))
     assert pairs.chosen.tolist() == [logps.chosen[7], logps.chosen[2]]
     assert pairs.rejected_public.dtype == torch.float32 and pairs.chosen_lengths.tolist() == [
         float(logps.chosen_lengths[7]), float(logps.chosen_lengths[2])]
     with pytest.raises(ArtifactError, match=r"no example_id \[100000\]"):
-        logps.pair_logps([1, 100000])
+        logps.take([1, 100000])
 
 
 def test_rerun_of_a_complete_artifact_does_no_model_work(scored, monkeypatch):
@@ -100,15 +105,15 @@ def test_rerun_of_a_complete_artifact_does_no_model_work(scored, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for a complete artifact")
 
-    monkeypatch.setattr(ref, "_load_engine", no_model)
-    assert ref.reference_stage(config) == ref_dir == ref.reference_dir_for(config)
+    monkeypatch.setattr(reference_stage_module, "_load_engine", no_model)
+    assert reference_stage(config) == ref_dir == Plan.of(config).reference_dir
     assert (ref_dir / MANIFEST).read_bytes() == manifest
     counts = json.loads(manifest)["counts"]
     assert counts["examples_by_split"] == {"train": 64, "eval": 32}
-    assert ref.reference_forward_count(ref_dir) == 96
+    assert cache.reference_forward_count(ref_dir) == 96
     # Inputs that change values change the directory; batch size does not.
-    assert ref.reference_dir_for(config.model_copy(update={"bf16": True})) != ref_dir
-    assert ref.reference_dir_for(config.model_copy(update={"precompute_ref_batch_size": 3})) == ref_dir
+    assert Plan.of(config.model_copy(update={"bf16": True})).reference_dir != ref_dir
+    assert Plan.of(config.model_copy(update={"precompute_ref_batch_size": 3})).reference_dir == ref_dir
 
 
 def test_subset_of_ids_with_extra_inputs_and_a_zero2_config(scored, tmp_path):
@@ -116,23 +121,24 @@ def test_subset_of_ids_with_extra_inputs_and_a_zero2_config(scored, tmp_path):
     config, tokenized_dir, ref_dir = scored
     config = config.model_copy(update={"deepspeed": str(REPO_ROOT / "configs" / "ds_zero2.json")})
     model_dir = Path(config.model_name_or_path)
-    out = ref.compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=model_dir, out_dir=tmp_path / "w1",
+    out = compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=model_dir, out_dir=tmp_path / "w1",
                                       splits=["train"], example_ids={"train": [9, 1, 5]}, extra_inputs={"window": 1})
-    window = ref.load_reference_logps(out, split="train", expected_ids=[1, 5, 9])
-    full = ref.load_reference_logps(ref_dir, split="train")
+    window = cache.load_reference_logps(out, split="train", expected_ids=[1, 5, 9])
+    full = cache.load_reference_logps(ref_dir, split="train")
     np.testing.assert_allclose(window.chosen, full.chosen[[1, 5, 9]], rtol=RTOL, atol=ATOL)
-    assert ref.reference_forward_count(out) == 3
-    manifest = read_manifest(out, kind=ref.KIND)
+    assert cache.reference_forward_count(out) == 3
+    manifest = read_manifest(out, kind=cache.KIND)
     assert manifest["inputs"]["extra"] == {"window": 1} and list(manifest["shards"]) == ["train"]
     with pytest.raises(ArtifactError, match="made from other inputs"):
-        ref.load_reference_logps(out, split="train", fingerprint=read_manifest(ref_dir, kind=ref.KIND)["fingerprint"])
+        cache.load_reference_logps(out, split="train",
+                                   fingerprint=read_manifest(ref_dir, kind=cache.KIND)["fingerprint"])
 
 
 def test_tr_dpo_stage_scores_only_the_eval_split(scored):
     config, _, ref_dir = scored
-    out = ref.reference_stage(config.model_copy(update={"sync_ref_model": True}))
+    out = reference_stage(config.model_copy(update={"sync_ref_model": True}))
     assert out != ref_dir
-    assert list(read_manifest(out, kind=ref.KIND)["shards"]) == ["eval"]
+    assert list(read_manifest(out, kind=cache.KIND)["shards"]) == ["eval"]
 
 
 @pytest.mark.parametrize("ids, message", [([3, 3, 4], r"must be unique; repeated: \[3\]"),
@@ -140,7 +146,7 @@ def test_tr_dpo_stage_scores_only_the_eval_split(scored):
 def test_bad_subset_ids_are_refused(scored, tmp_path, ids, message):
     config, tokenized_dir, _ = scored
     with pytest.raises(DataError, match=message):
-        ref.compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=Path(config.model_name_or_path),
+        compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=Path(config.model_name_or_path),
                                     out_dir=tmp_path / "out", splits=["train"], example_ids={"train": ids})
 
 
@@ -148,12 +154,12 @@ def test_bad_subset_ids_are_refused(scored, tmp_path, ids, message):
 def _recommit(src: Path, dst: Path, edit) -> Path:
     """A copy of the artifact whose first train shard is ``edit(table)``, committed with a valid manifest."""
     shutil.copytree(src, dst)
-    manifest = read_manifest(dst, kind=ref.KIND)
+    manifest = read_manifest(dst, kind=cache.KIND)
     shard = dst / manifest["shards"]["train"][0]
     write_parquet(edit(pq.read_table(shard)), shard)
     extra = {k: v for k, v in manifest.items() if k not in ("kind", "schema_version", "fingerprint", "inputs",
                                                             "files", "counts")}
-    write_manifest(dst, kind=ref.KIND, schema_version=ref.SCHEMA_VERSION, inputs=manifest["inputs"],
+    write_manifest(dst, kind=cache.KIND, schema_version=cache.SCHEMA_VERSION, inputs=manifest["inputs"],
                    files=manifest["files"], counts=manifest["counts"], **extra)
     return dst
 
@@ -165,23 +171,23 @@ def _set(table: pa.Table, name: str, values) -> pa.Table:
 
 def test_reader_refuses_bad_artifacts(scored, tmp_path):
     _, _, ref_dir = scored
-    ids = ref.load_reference_logps(ref_dir, split="train").example_ids.tolist()
+    ids = cache.load_reference_logps(ref_dir, split="train").example_ids.tolist()
     with pytest.raises(ArtifactError, match=r"2 expected example_ids are missing, e\.g\. \[1000, 1001\]"):
-        ref.load_reference_logps(ref_dir, split="train", expected_ids=ids + [1000, 1001])
+        cache.load_reference_logps(ref_dir, split="train", expected_ids=ids + [1000, 1001])
     with pytest.raises(ArtifactError, match=r"1 example_ids are not expected, e\.g\. \[0\]"):
-        ref.load_reference_logps(ref_dir, split="train", expected_ids=ids[1:])
+        cache.load_reference_logps(ref_dir, split="train", expected_ids=ids[1:])
     with pytest.raises(ArtifactError, match="made from other inputs"):
-        ref.load_reference_logps(ref_dir, split="train", fingerprint="0" * 64)
+        cache.load_reference_logps(ref_dir, split="train", fingerprint="0" * 64)
     with pytest.raises(ArtifactError, match="has no test split"):
-        ref.load_reference_logps(ref_dir, split="test")
+        cache.load_reference_logps(ref_dir, split="test")
 
     nan = _recommit(ref_dir, tmp_path / "nan", lambda t: _set(
         t, "ref_rejected_logps", [np.nan] + t.column("ref_rejected_logps").to_pylist()[1:]))
     with pytest.raises(ArtifactError, match=r"ref_rejected_logps is not finite for example_id \[0\]"):
-        ref.load_reference_logps(nan, split="train")
+        cache.load_reference_logps(nan, split="train")
     dup = _recommit(ref_dir, tmp_path / "dup", lambda t: _set(t, "example_id", [0, 0] + ids[2:]))
     with pytest.raises(ArtifactError, match=r"example_id \[0\] appears more than once"):
-        ref.load_reference_logps(dup, split="train")
+        cache.load_reference_logps(dup, split="train")
 
     edited = tmp_path / "edited"
     shutil.copytree(ref_dir, edited)
@@ -189,19 +195,19 @@ def test_reader_refuses_bad_artifacts(scored, tmp_path):
     table = pq.read_table(shard)
     pq.write_table(_set(table, "ref_chosen_logps", np.zeros(table.num_rows, np.float32)), shard)
     with pytest.raises(ArtifactError, match="train-00000.parquet does not match the hash"):
-        ref.load_reference_logps(edited, split="train")
+        cache.load_reference_logps(edited, split="train")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_missing_model_and_missing_tokenized_artifact(scored, tmp_path):
     config, tokenized_dir, _ = scored
     with pytest.raises(ConfigError, match=f"reference model directory not found: {tmp_path / 'nope'}"):
-        ref.compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=tmp_path / "nope",
+        compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=tmp_path / "nope",
                                     out_dir=tmp_path / "out", splits=["train"])
     with pytest.raises(ConfigError, match="model directory not found"):
-        ref.reference_stage(config.model_copy(update={"model_name_or_path": str(tmp_path / "nope")}))
+        reference_stage(config.model_copy(update={"model_name_or_path": str(tmp_path / "nope")}))
     with pytest.raises(ArtifactError, match="run the tokenize stage first"):
-        ref.reference_stage(config.model_copy(update={"output_dir": str(tmp_path / "fresh")}))
+        reference_stage(config.model_copy(update={"output_dir": str(tmp_path / "fresh")}))
 
 
 def test_token_ids_outside_the_model_vocabulary_are_refused_before_any_forward(scored, tmp_path, monkeypatch):
@@ -209,13 +215,14 @@ def test_token_ids_outside_the_model_vocabulary_are_refused_before_any_forward(s
     small_vocab = shutil.copytree(config.model_name_or_path, tmp_path / "small-vocab")
     model_config = json.loads((small_vocab / "config.json").read_text())
     (small_vocab / "config.json").write_text(json.dumps({**model_config, "vocab_size": 300}))
-    monkeypatch.setattr(ref, "_load_engine", lambda *a: pytest.fail("model loaded before the vocabulary check"))
-    first = data.load_tokenized(tokenized_dir, "train").to_pylist()
+    monkeypatch.setattr(reference_stage_module, "_load_engine",
+                        lambda *a: pytest.fail("model loaded before the vocabulary check"))
+    first = load_tokenized(tokenized_dir, "train").to_pylist()
     culprit = next(r for r in first
                    if max(r["prompt_input_ids"] + r["chosen_input_ids"] + r["rejected_input_ids"]) >= 300)
     with pytest.raises(DataError, match=rf"{tokenized_dir}, split train, example_id {culprit['example_id']}: .* "
                                         rf"outside the reference model's vocabulary of 300"):
-        ref.compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=small_vocab,
+        compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=small_vocab,
                                     out_dir=tmp_path / "out", splits=["train"])
 
 
@@ -225,14 +232,14 @@ def test_tokenized_parquet_that_does_not_match_its_manifest_is_refused(scored, t
     table = pq.read_table(copy / "train.parquet")
     write_parquet(table.slice(1), copy / "train.parquet")  # a row dropped after the manifest was written
     with pytest.raises(ArtifactError, match="train.parquet does not match the hash in manifest.json"):
-        ref.compute_reference_logps(config, tokenized_dir=copy, model_dir=Path(config.model_name_or_path),
+        compute_reference_logps(config, tokenized_dir=copy, model_dir=Path(config.model_name_or_path),
                                     out_dir=tmp_path / "out", splits=["train"])
 
 
 # ------------------------------------------------------------------------------------------------ failures, resume
 def _values(ref_dir: Path, split: str = "train") -> dict[str, np.ndarray]:
     table = pa.concat_tables(pq.read_table(ref_dir / name).replace_schema_metadata(None)
-                             for name in read_manifest(ref_dir, kind=ref.KIND)["shards"][split])
+                             for name in read_manifest(ref_dir, kind=cache.KIND)["shards"][split])
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
@@ -253,16 +260,16 @@ def test_writer_failing_mid_way_leaves_no_shard_a_reader_accepts(scored, tmp_pat
 
     monkeypatch.setattr(pq, "write_table", disk_full_on_second_shard)
     with pytest.raises(StorageError, match=r"cannot write .*train-00001.parquet: no space left on"):
-        ref.compute_reference_logps(config, **kwargs)
+        compute_reference_logps(config, **kwargs)
     # No temporary file, no manifest: the first shard and the digest it was committed with.
     assert sorted(p.name for p in out.iterdir()) == ["train-00000.parquet", "train-00000.parquet.sha256"]
     with pytest.raises(ArtifactError, match="missing or incomplete"):
-        ref.load_reference_logps(out, split="train")
+        cache.load_reference_logps(out, split="train")
 
     monkeypatch.setattr(pq, "write_table", real_write_table)
     (out / "train-00002.parquet").write_bytes(b"PAR1 a partial copy")  # not written by us: must be recomputed
-    ref.compute_reference_logps(config, **kwargs)
-    counts = read_manifest(out, kind=ref.KIND)["counts"]
+    compute_reference_logps(config, **kwargs)
+    counts = read_manifest(out, kind=cache.KIND)["counts"]
     assert (counts["shards"], counts["reused_shards"]) == (4, 1)
     resumed, whole = _values(out), _values(ref_dir)
     for name, values in whole.items():
@@ -272,16 +279,16 @@ def test_writer_failing_mid_way_leaves_no_shard_a_reader_accepts(scored, tmp_pat
 _HANG_AFTER_FIRST_SHARD = """
 import sys, time
 from pathlib import Path
-import pipeline.reference as ref
+from pipeline.reference import stage
 from pipeline.config import load_config
-write_shard = ref._write_shard
+write_shard = stage.write_shard
 def write_then_hang(out_dir, shard, *args):
     write_shard(out_dir, shard, *args)
     Path(sys.argv[3]).touch()
     time.sleep(600)
-ref._write_shard = write_then_hang
-ref.compute_reference_logps(load_config(sys.argv[1]), tokenized_dir=Path(sys.argv[2]), model_dir=Path(sys.argv[4]),
-                            out_dir=Path(sys.argv[5]), splits=["train", "eval"], shard_size=16)
+stage.write_shard = write_then_hang
+stage.compute_reference_logps(load_config(sys.argv[1]), tokenized_dir=Path(sys.argv[2]), model_dir=Path(sys.argv[4]),
+                              out_dir=Path(sys.argv[5]), splits=["train", "eval"], shard_size=16)
 """
 
 
@@ -305,10 +312,10 @@ def test_sigkill_after_the_first_shard_then_rerun_gives_the_uninterrupted_artifa
 
     kwargs = dict(tokenized_dir=tokenized_dir, model_dir=Path(config.model_name_or_path), splits=["train", "eval"],
                   shard_size=16)
-    ref.compute_reference_logps(config, out_dir=out, **kwargs)
-    ref.compute_reference_logps(config, out_dir=tmp_path / "uninterrupted", **kwargs)
-    resumed = read_manifest(out, kind=ref.KIND)
-    whole = read_manifest(tmp_path / "uninterrupted", kind=ref.KIND)
+    compute_reference_logps(config, out_dir=out, **kwargs)
+    compute_reference_logps(config, out_dir=tmp_path / "uninterrupted", **kwargs)
+    resumed = read_manifest(out, kind=cache.KIND)
+    whole = read_manifest(tmp_path / "uninterrupted", kind=cache.KIND)
     assert resumed["counts"]["reused_shards"] == 1 and whole["counts"]["reused_shards"] == 0
     assert resumed["fingerprint"] == whole["fingerprint"]
     assert resumed["files"] == whole["files"]  # byte-identical shards
@@ -317,13 +324,13 @@ def test_sigkill_after_the_first_shard_then_rerun_gives_the_uninterrupted_artifa
 
 def test_bf16_model_accumulates_in_float32(scored, tmp_path):
     config, tokenized_dir, ref_dir = scored
-    out = ref.compute_reference_logps(config.model_copy(update={"bf16": True}), tokenized_dir=tokenized_dir,
+    out = compute_reference_logps(config.model_copy(update={"bf16": True}), tokenized_dir=tokenized_dir,
                                       model_dir=Path(config.model_name_or_path), out_dir=tmp_path / "bf16",
                                       splits=["eval"], example_ids={"eval": list(range(8))})
-    bf16 = ref.load_reference_logps(out, split="eval")
-    fp32 = ref.load_reference_logps(ref_dir, split="eval")
+    bf16 = cache.load_reference_logps(out, split="eval")
+    fp32 = cache.load_reference_logps(ref_dir, split="eval")
     assert bf16.chosen.dtype == np.float32
-    assert read_manifest(out, kind=ref.KIND)["inputs"]["dtype"] == "bfloat16"
+    assert read_manifest(out, kind=cache.KIND)["inputs"]["dtype"] == "bfloat16"
     # bf16 weights and activations: ~3 significant digits per token; the sums still agree to about 2%.
     np.testing.assert_allclose(bf16.chosen, fp32.chosen[:8], rtol=2e-2)
     assert not np.array_equal(bf16.chosen, fp32.chosen[:8])
@@ -335,7 +342,7 @@ def test_two_process_zero3_through_the_launcher_matches_one_process(scored, tmp_
     config, _, ref_dir = scored
     # Batch 5: 13 train and 7 eval batches, so one rank runs out first and must repeat a batch to stay in step.
     two = config.model_copy(update={"output_dir": str(tmp_path / "out"), "precompute_ref_batch_size": 5})
-    data.tokenize_stage(two)
+    tokenize_stage(two)
     config_path = tmp_path / "cfg.yaml"
     save_config(two, config_path)
     result = subprocess.run(
@@ -343,12 +350,12 @@ def test_two_process_zero3_through_the_launcher_matches_one_process(scored, tmp_
          "num_processes=2", f"deepspeed={REPO_ROOT / 'configs' / 'ds_zero3.json'}"],
         env=job_environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = ref.reference_dir_for(two)
+    out = Plan.of(two).reference_dir
     assert out.name == ref_dir.name  # same inputs, same fingerprint
-    manifest = read_manifest(out, kind=ref.KIND)
+    manifest = read_manifest(out, kind=cache.KIND)
     assert manifest["world_size"] == 2 and manifest["counts"]["forwards"] == 2 * (7 + 4)
     for split in ("train", "eval"):
         one, both = _values(ref_dir, split), _values(out, split)
         assert np.array_equal(both["example_id"], one["example_id"])
-        for name in ref.VALUE_COLUMNS:
+        for name in cache.VALUE_COLUMNS:
             np.testing.assert_allclose(both[name], one[name], rtol=RTOL, atol=ATOL, err_msg=f"{split} {name}")

@@ -41,12 +41,13 @@ from flows.jobs import stop_flow_run_jobs
 from flows.pipeline_flow import dpo_pipeline
 from pipeline import slurm
 from pipeline.config import REPO_ROOT, load_config, save_config
-from pipeline.data import tokenize_stage
-from pipeline.distributed import RANK_VARIABLES
 from pipeline.errors import ConfigError
 from pipeline.launch import job_environment
-from pipeline.reference import reference_stage
-from pipeline.train import read_summary, train_dir_for
+from pipeline.plan import Plan
+from pipeline.ranks import RANK_VARIABLES
+from pipeline.reference.stage import reference_stage
+from pipeline.tokenize.stage import tokenize_stage
+from pipeline.train.stage import read_summary
 
 SLURM_SCRIPT = REPO_ROOT / ".ci" / "slurm.sh"
 # Every job here: DeepSpeed on the CPU, one intra-op thread per rank on the 2 shared cores.
@@ -149,7 +150,7 @@ def test_srun_two_tasks_train_from_slurm_variables_alone(make_config, clean_queu
                              "--config", str(config_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = read_summary(train_dir_for(config))
+    summary = read_summary(Plan.of(config).train_dir)
     assert summary["world_size"] == 2 and summary["num_steps"] == 4
 
 
@@ -174,7 +175,7 @@ def test_a_served_flow_run_submits_its_stage_jobs_through_slurm(served, tiny):  
     assert {f"dpo-reference-{run_id}", f"dpo-train-{run_id}"} <= queue.seen
     output_dir = Path(overrides["output_dir"])
     assert (output_dir / "logs" / "train.log").read_text().startswith("$ srun --nodes 1 --ntasks 2 ")
-    assert read_summary(train_dir_for(load_config(DEFAULT_CONFIG, overrides)))["world_size"] == 2
+    assert read_summary(Plan.of(load_config(DEFAULT_CONFIG, overrides)).train_dir)["world_size"] == 2
     assert slurm.queued() == {}
 
 

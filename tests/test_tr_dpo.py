@@ -26,16 +26,21 @@ import torch
 from conftest import write_small_dataset
 from safetensors.torch import load_file, save_file
 
-from pipeline import data, reference, tr_dpo, train
 from pipeline.artifacts import MANIFEST, model_weights_hash, read_manifest
 from pipeline.config import REPO_ROOT, load_config, save_config
-from pipeline.distributed import free_port
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.launch import job_environment
 from pipeline.logprobs import collate_pairs, completion_logps
 from pipeline.losses import LossState, PairLogps, compute_loss
-from pipeline.reference import load_reference_logps
+from pipeline.plan import Plan
+from pipeline.ranks import free_port
+from pipeline.reference.cache import load_reference_logps
+from pipeline.reference.stage import reference_stage
 from pipeline.schedule import TrainingSchedule
+from pipeline.tokenize.artifact import load_tokenized, tokenized_manifest
+from pipeline.tokenize.stage import tokenize_stage
+from pipeline.train import tr_dpo, windows
+from pipeline.train.stage import train_stage
 
 TOL = 1e-5
 RUN = {"max_length": 64, "max_prompt_length": 32, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
@@ -50,15 +55,15 @@ def run_config(root: Path, model_dir: Path, **overrides):
 
 def run_tr_dpo(config) -> Path:
     """What ``dpo-pipeline train`` does under TR-DPO, in this process: its inputs, then every window."""
-    data.tokenize_stage(config)
-    reference.reference_stage(config)
-    return train.train_stage(config)
+    tokenize_stage(config)
+    reference_stage(config)
+    return train_stage(config)
 
 
-def window_plan(config) -> tr_dpo.WindowPlan:
-    tokenized = train.plan_run(config).tokenized_dir
-    ids = data.load_tokenized(tokenized, "train").column("example_id").to_numpy()
-    return tr_dpo.WindowPlan.of(config, TrainingSchedule.from_config(config, ids, 1))
+def window_plan(config) -> windows.WindowPlan:
+    tokenized = Plan.of(config).tokenized_dir
+    ids = load_tokenized(tokenized, "train").column("example_id").to_numpy()
+    return windows.WindowPlan.of(config, TrainingSchedule.from_config(config, ids, 1))
 
 
 @pytest.fixture(scope="module", params=["configs/ds_zero2.json", None, "configs/ds_zero3.json"],
@@ -74,7 +79,7 @@ def test_windows_cover_the_steps_in_blocks_of_tau():
     def bounds(steps, tau):
         config = load_config(None, {"max_steps": steps, "ref_model_sync_steps": tau, "sync_ref_model": True,
                                     "per_device_train_batch_size": 2})
-        return tr_dpo.window_bounds(config, TrainingSchedule.from_config(config, range(10), 1))
+        return windows.window_bounds(config, TrainingSchedule.from_config(config, range(10), 1))
 
     assert bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert bounds(8, 4) == [(0, 4), (4, 8)]
@@ -85,7 +90,7 @@ def test_window_examples_are_the_distinct_ids_its_steps_consume():
     config = load_config(None, {"max_steps": 12, "ref_model_sync_steps": 6, "sync_ref_model": True,
                                 "per_device_train_batch_size": 2})
     schedule = TrainingSchedule.from_config(config, range(0, 20, 2), 1)  # 5 steps per epoch: windows span two
-    plan = tr_dpo.WindowPlan.of(config, schedule)
+    plan = windows.WindowPlan.of(config, schedule)
     for k, (start, stop) in enumerate(plan.bounds):
         consumed = np.concatenate([schedule.step_ids(s) for s in range(start, stop)])
         assert np.array_equal(plan.example_ids(k), np.unique(consumed))
@@ -125,7 +130,7 @@ def test_one_job_runs_every_window_and_a_rerun_does_nothing(tr_dpo_run):
 
 def test_version_chain_links_previous_version_policy_step_and_alpha(tr_dpo_run, tiny_model_dir):
     config, run_dir = tr_dpo_run
-    v0, v1 = (read_manifest(tr_dpo.version_dir(run_dir, k), kind=tr_dpo.VERSION_KIND) for k in (0, 1))
+    v0, v1 = (read_manifest(windows.version_dir(run_dir, k), kind=windows.VERSION_KIND) for k in (0, 1))
     assert v0["inputs"] == {"version": 0, "model_weights": model_weights_hash(tiny_model_dir)}
     assert v0["files"] == {}  # no copy of the original model
     assert set(v1["inputs"]) == {"version", "previous", "policy_step", "policy_digest", "alpha"}
@@ -133,7 +138,7 @@ def test_version_chain_links_previous_version_policy_step_and_alpha(tr_dpo_run, 
             v1["inputs"]["alpha"]) == (1, v0["fingerprint"], 2, 0.6)
     assert len(v1["slice_digests"]) == 1 and v1["slice_digests"] != v0["slice_digests"]
     for k, version in enumerate((v0, v1)):
-        extra = read_manifest(tr_dpo.window_dir(run_dir, k), kind="reference")["inputs"]["extra"]
+        extra = read_manifest(windows.window_dir(run_dir, k), kind="reference")["inputs"]["extra"]
         assert extra == {"tr_dpo_window": k, "steps": [2 * k, 2 * k + 2], "reference_version": k,
                          "reference_version_fingerprint": version["fingerprint"]}
 
@@ -150,17 +155,17 @@ def resident_reference_loop(config):
     initial model)."""
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    tokenized = train.plan_run(config).tokenized_dir
-    table = data.load_tokenized(tokenized, "train")
+    tokenized = Plan.of(config).tokenized_dir
+    table = load_tokenized(tokenized, "train")
     ids = table.column("example_id").to_numpy()
-    pad = int(data.tokenized_manifest(tokenized)["pad_token_id"])
+    pad = int(tokenized_manifest(tokenized)["pad_token_id"])
     schedule = window_plan(config).schedule
     tau, alpha = config.ref_model_sync_steps, config.ref_model_mixup_alpha
     torch.manual_seed(config.seed)
     policy = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32).train()
     ref = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32).eval()
     initial = copy.deepcopy(ref)
-    # The recipe's optimizer, schedule and clipping (pipeline/train.py): AdamW without decay on 1-D params.
+    # The recipe's optimizer, schedule and clipping (pipeline/train/stage.py): AdamW without decay on 1-D params.
     groups = [{"params": [p for p in policy.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in policy.parameters() if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -205,16 +210,16 @@ def test_tr_dpo_in_the_job_equals_an_in_memory_loop_with_a_resident_reference(tr
     # one ulp is 7.6e-6 and another padding can move the last bits: compared relatively) ...
     plan = window_plan(config)
     for k in range(len(plan.bounds)):
-        cached = load_reference_logps(tr_dpo.window_dir(run_dir, k), split="train")
+        cached = load_reference_logps(windows.window_dir(run_dir, k), split="train")
         for i, value in zip(cached.example_ids, cached.chosen, strict=True):
             assert value == pytest.approx(ref_logps[(k, int(i))], rel=1e-6, abs=0)
     # ... and the sync mattered: version 0 gives window 1's examples other log-probs.
-    tokenized = train.plan_run(config).tokenized_dir
-    table = data.load_tokenized(tokenized, "train")
+    tokenized = Plan.of(config).tokenized_dir
+    table = load_tokenized(tokenized, "train")
     ids = table.column("example_id").to_numpy()
-    window1 = load_reference_logps(tr_dpo.window_dir(run_dir, 1), split="train")
+    window1 = load_reference_logps(windows.window_dir(run_dir, 1), split="train")
     batch = collate_pairs(table.take(np.searchsorted(ids, window1.example_ids)).to_pylist(),
-                          int(data.tokenized_manifest(tokenized)["pad_token_id"]))
+                          int(tokenized_manifest(tokenized)["pad_token_id"]))
     with torch.no_grad():
         stale = completion_logps(initial, batch).halves("logps")[0].numpy()
     assert np.abs(stale - window1.chosen).max() > 100 * TOL
@@ -231,7 +236,7 @@ def test_two_ranks_equal_the_resident_loop(tmp_path, tiny_model_dir, deepspeed):
                            str(free_port()), "-m", "pipeline.cli", "train", "--config", str(cfg)], cwd=REPO_ROOT,
                           env={**job_environment(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dir = train.train_dir_for(config.model_copy(update={"per_device_train_batch_size": 2}))
+    run_dir = Plan.of(config.model_copy(update={"per_device_train_batch_size": 2})).train_dir
     losses, policy, _, _ = resident_reference_loop(config.model_copy(update={"per_device_train_batch_size": 4}))
     assert_equals_the_resident_loop(config, run_dir, losses, policy)
     assert json.loads((run_dir / "summary.json").read_text())["reference_forwards_per_example"] == 1.0
@@ -243,21 +248,21 @@ def test_a_window_artifact_scored_by_another_version_is_rescored_not_trained_on(
     config, run_dir = tr_dpo_run
     copy_config = config.model_copy(update={"output_dir": str(tmp_path / "out")})
     shutil.copytree(config.output_path, copy_config.output_path)
-    copy_dir = train.train_dir_for(copy_config)
+    copy_dir = Plan.of(copy_config).train_dir
     (copy_dir / MANIFEST).unlink()
-    shutil.rmtree(tr_dpo.window_dir(copy_dir, 1))
-    shutil.copytree(tr_dpo.window_dir(copy_dir, 0), tr_dpo.window_dir(copy_dir, 1))
-    train.train_stage(copy_config)
-    assert (read_manifest(tr_dpo.window_dir(copy_dir, 1), kind="reference")["fingerprint"]
-            == read_manifest(tr_dpo.window_dir(run_dir, 1), kind="reference")["fingerprint"])
+    shutil.rmtree(windows.window_dir(copy_dir, 1))
+    shutil.copytree(windows.window_dir(copy_dir, 0), windows.window_dir(copy_dir, 1))
+    train_stage(copy_config)
+    assert (read_manifest(windows.window_dir(copy_dir, 1), kind="reference")["fingerprint"]
+            == read_manifest(windows.window_dir(run_dir, 1), kind="reference")["fingerprint"])
 
 
 def test_a_reference_slice_that_does_not_match_its_version_is_refused(tr_dpo_run, tmp_path):
     config, _ = tr_dpo_run
     copy_config = config.model_copy(update={"output_dir": str(tmp_path / "out"), "save_steps": 2})
-    data.tokenize_stage(copy_config)
-    reference.reference_stage(copy_config)
-    copy_dir = train.train_stage(copy_config, stop_step=2)  # its checkpoint at step 2 holds version 0's slices
+    tokenize_stage(copy_config)
+    reference_stage(copy_config)
+    copy_dir = train_stage(copy_config, stop_step=2)  # its checkpoint at step 2 holds version 0's slices
     slices = copy_dir / "checkpoints" / "step-2" / tr_dpo.SLICES_FILE.format(rank=0)
     tensors = load_file(slices)
     name = next(iter(tensors))
@@ -267,7 +272,7 @@ def test_a_reference_slice_that_does_not_match_its_version_is_refused(tr_dpo_run
     marker["files"][slices.name] = __import__("pipeline.artifacts", fromlist=["hash_file"]).hash_file(slices)
     (slices.parent / "trainer_state.json").write_text(json.dumps(marker))  # the checkpoint itself looks intact
     with pytest.raises(ArtifactError, match=r"TR-DPO reference slice .* does not match the digest its version"):
-        train.train_stage(copy_config)
+        train_stage(copy_config)
 
 
 # ---------------------------------------------------------------------------------------------- kills
@@ -275,7 +280,9 @@ def test_a_reference_slice_that_does_not_match_its_version_is_refused(tr_dpo_run
 # mix or a checkpoint of the tiny model takes milliseconds, too short to hit from outside.
 _DIE_IN = """
 import os, signal, sys
-from pipeline import cli, reference, tr_dpo
+from pipeline import cli
+from pipeline.reference import stage as reference
+from pipeline.train import tr_dpo
 phase = os.environ["DIE_IN"]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -288,12 +295,12 @@ if phase == "mix":  # half the parameters mixed
         die()
     tr_dpo.ReferenceSlices.mix = mix
 elif phase == "rescore":  # window 1's examples scored, its shard not yet written
-    real_write = reference._write_shard
+    real_write = reference.write_shard
     def write_shard(out_dir, shard, fp, results):
         if "windows/1" in str(out_dir):
             die()
         real_write(out_dir, shard, fp, results)
-    reference._write_shard = write_shard
+    reference.write_shard = write_shard
 elif phase == "checkpoint":  # DeepSpeed's files of the step-3 checkpoint written, the slices and marker not
     real_save = tr_dpo.ReferenceSlices.save
     def save(self, checkpoint):
@@ -332,18 +339,18 @@ def test_sigkill_in_every_phase_then_rerun_gives_the_uninterrupted_weights(tmp_p
     cfg, log, script = tmp_path / "config.yaml", tmp_path / "ranks.log", tmp_path / "die_in.py"
     save_config(config, cfg)
     script.write_text(_DIE_IN)
-    data.tokenize_stage(config)
-    reference.reference_stage(config)
-    run_dir = train.train_dir_for(config)
+    tokenize_stage(config)
+    reference_stage(config)
+    run_dir = Plan.of(config).train_dir
 
     # 1. Killed in the mix that opens window 1 (at step 2).
     assert _rank(script, cfg, log, DIE_IN="mix").wait(timeout=600) != 0
     assert (run_dir / "checkpoints" / "step-2" / "trainer_state.json").is_file()
-    assert not (tr_dpo.version_dir(run_dir, 1) / MANIFEST).exists()
+    assert not (windows.version_dir(run_dir, 1) / MANIFEST).exists()
     # 2. Killed while re-scoring window 1 (version 1 committed, its log-probs not).
     assert _rank(script, cfg, log, DIE_IN="rescore").wait(timeout=600) != 0
-    assert (tr_dpo.version_dir(run_dir, 1) / MANIFEST).is_file()
-    assert not (tr_dpo.window_dir(run_dir, 1) / MANIFEST).exists()
+    assert (windows.version_dir(run_dir, 1) / MANIFEST).is_file()
+    assert not (windows.window_dir(run_dir, 1) / MANIFEST).exists()
     # 3. Killed while writing the checkpoint at step 3.
     assert _rank(script, cfg, log, DIE_IN="checkpoint").wait(timeout=600) != 0
     assert not (run_dir / "checkpoints" / "step-3" / "trainer_state.json").exists()
@@ -365,7 +372,7 @@ def test_sigkill_in_every_phase_then_rerun_gives_the_uninterrupted_weights(tmp_p
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
                if '"loss"' in line] for d in (run_dir, baseline_dir)]
     assert losses[0] == losses[1]
-    v1 = [read_manifest(tr_dpo.version_dir(d, 1), kind=tr_dpo.VERSION_KIND)["fingerprint"]
+    v1 = [read_manifest(windows.version_dir(d, 1), kind=windows.VERSION_KIND)["fingerprint"]
           for d in (run_dir, baseline_dir)]
     assert v1[0] == v1[1]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -21,13 +21,15 @@ from safetensors.torch import load_file
 
 from pipeline.artifacts import MANIFEST, hash_file, is_complete
 from pipeline.config import REPO_ROOT, save_config
-from pipeline.data import load_tokenized, tokenize_stage, tokenized_manifest
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.launch import job_environment, run_stage
 from pipeline.logprobs import collate_pairs, completion_logps
-from pipeline.reference import compute_reference_logps, reference_dir_for, reference_stage
+from pipeline.plan import Plan
+from pipeline.reference.stage import compute_reference_logps, reference_stage
 from pipeline.schedule import TrainingSchedule
-from pipeline.train import read_summary, train_dir_for, train_stage, update_summary
+from pipeline.tokenize.artifact import load_tokenized, tokenized_manifest
+from pipeline.tokenize.stage import tokenize_stage
+from pipeline.train.stage import read_summary, train_stage, update_summary
 
 CONFIGS = REPO_ROOT / "configs"
 TRAIN = dict(max_steps=4, eval_steps=2, per_device_eval_batch_size=16, deepspeed=str(CONFIGS / "ds_zero2.json"))
@@ -112,7 +114,7 @@ def eval_chosen_logps(config, model_path):
 
 
 def assert_no_step_taken(config):
-    run = train_dir_for(config)
+    run = Plan.of(config).train_dir
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
@@ -122,7 +124,7 @@ def test_run_writes_metrics_model_plots_and_summary(prepared, dropout_model_dir)
 
     config = prepared(lr_scheduler_type="cosine", warmup_steps=2, learning_rate=2e-3)
     run = train_stage(config)
-    assert run == train_dir_for(config)
+    assert run == Plan.of(config).train_dir
     rows = records(run)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
@@ -142,7 +144,7 @@ def test_run_writes_metrics_model_plots_and_summary(prepared, dropout_model_dir)
     assert summary["eval_reward_accuracy"] == evals[-1]["eval_rewards/accuracies"]
     assert summary["eval_reward_margin"] == evals[-1]["eval_rewards/margins"]
     assert summary["train_loss"] == train_rows[-1]["loss"]
-    assert summary["fingerprints"]["reference_train"].startswith(reference_dir_for(config).name)
+    assert summary["fingerprints"]["reference_train"].startswith(Plan.of(config).reference_dir.name)
     for path in summary["paths"]["plots"].values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = AutoModelForCausalLM.from_pretrained(summary["paths"]["model"])
@@ -156,7 +158,7 @@ def test_run_writes_metrics_model_plots_and_summary(prepared, dropout_model_dir)
     before = (run / "metrics.jsonl").stat().st_mtime_ns
     assert train_stage(config) == run and (run / "metrics.jsonl").stat().st_mtime_ns == before
     other = config.model_copy(update={"beta": 0.2})
-    assert train_dir_for(other) != run and reference_dir_for(other) == reference_dir_for(config)
+    assert Plan.of(other).train_dir != run and Plan.of(other).reference_dir == Plan.of(config).reference_dir
     update_summary(run, reference_versions=3)
     assert read_summary(run)["reference_versions"] == 3
     assert is_complete(run, kind="train", fingerprint=summary["fingerprints"]["train"])  # summary not hashed
@@ -202,14 +204,14 @@ def test_a_reference_that_covers_only_the_steps_run_so_far(prepared, tmp_path):
 def test_reference_from_another_tokenized_artifact_is_refused(prepared):
     config, other = prepared(), prepared(max_length=48)
     with pytest.raises(ArtifactError, match="made from another tokenized artifact"):
-        train_stage(config, train_reference_dir=reference_dir_for(other))
+        train_stage(config, train_reference_dir=Plan.of(other).reference_dir)
     assert_no_step_taken(config)
 
 
 def test_reference_from_another_model_is_refused(prepared, tiny_model_dir, tmp_path):
     config = prepared(output_dir=str(tmp_path / "out"), reference=False)
     compute_reference_logps(config, tokenized_dir=tokenize_stage(config), model_dir=tiny_model_dir,
-                            out_dir=reference_dir_for(config), splits=["train", "eval"])
+                            out_dir=Plan.of(config).reference_dir, splits=["train", "eval"])
     with pytest.raises(ArtifactError, match="other model weights"):
         train_stage(config)
     assert_no_step_taken(config)
@@ -232,7 +234,7 @@ def test_damaged_reference_cache_is_refused(prepared, tmp_path, damage, message)
     """A cache whose manifest vouches for its files (hashes updated) but whose content is wrong."""
     config = prepared()
     copy = tmp_path / "reference"
-    shutil.copytree(reference_dir_for(config), copy)
+    shutil.copytree(Plan.of(config).reference_dir, copy)
     shard = copy / "train-00000.parquet"
     table = pq.read_table(shard)
     if damage == "duplicate":
@@ -264,10 +266,10 @@ def test_resume_from_a_checkpoint_of_another_config_is_refused(prepared):
     config = prepared(beta=0.3)
     run = train_stage(config, stop_step=1)
     other = config.model_copy(update={"beta": 0.4})
-    shutil.copytree(run / "checkpoints", train_dir_for(other) / "checkpoints")
+    shutil.copytree(run / "checkpoints", Plan.of(other).train_dir / "checkpoints")
     with pytest.raises(ConfigError, match=r"\(beta: 0\.3 there, 0\.4 here\)"):
         train_stage(other)
-    assert not (train_dir_for(other) / "metrics.jsonl").exists()
+    assert not (Plan.of(other).train_dir / "metrics.jsonl").exists()
     # The same config from a run with another process count: refused too (ZeRO partitions are per rank).
     marker = run / "checkpoints" / "step-1" / "trainer_state.json"
     state = json.loads(marker.read_text())
@@ -320,7 +322,7 @@ def test_two_processes_give_the_loss_curve_of_one(prepared, ds_config):
     two = prepared(gradient_accumulation_steps=1, num_processes=2, **common)
     run_one = train_stage(one)
     run_stage("train", two, timeout=600)
-    run_two = train_dir_for(two)
+    run_two = Plan.of(two).train_dir
     a, b = records(run_one), records(run_two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):

@@ -1,6 +1,6 @@
 """The streaming safetensors mix ``out = alpha * policy + (1 - alpha) * reference``: an export and audit tool.
 
-TR-DPO mixes in place inside the training job (:mod:`pipeline.tr_dpo`); this module recomputes a version from
+TR-DPO mixes in place inside the training job (:mod:`pipeline.train.tr_dpo`); this module recomputes a version from
 saved weights (``save_reference_versions: true`` exports, or any two Hugging Face model directories), e.g. to
 audit a version chain or to build a reference offline, with constant memory:
 
@@ -11,7 +11,7 @@ audit a version chain or to build a reference offline, with constant memory:
 * Tensors are matched **by name**, so a policy saved in 5 GB shards mixes against a reference in other shards;
   the reference's file layout (and index) is kept. A mismatch (missing tensor, other shape) is refused.
 
-    python -m pipeline.mix REFERENCE_DIR POLICY_DIR OUT_DIR ALPHA
+    python -m pipeline.train.mix REFERENCE_DIR POLICY_DIR OUT_DIR ALPHA
 """
 
 from __future__ import annotations
@@ -228,6 +228,6 @@ def _mix_file(source: _SafetensorsFile, policy_tensors: dict, target: Path, alph
 
 if __name__ == "__main__":
     if len(sys.argv) != 5:
-        sys.exit("usage: python -m pipeline.mix REFERENCE_DIR POLICY_DIR OUT_DIR ALPHA")
+        sys.exit("usage: python -m pipeline.train.mix REFERENCE_DIR POLICY_DIR OUT_DIR ALPHA")
     print(json.dumps(mix_safetensors(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])),
                      indent=2))

@@ -24,7 +24,7 @@ reference log-probs, whose cache would go stale. Here the two combine, in the tr
   ``model.parameters()``, and the same under every ZeRO stage.
 * **Re-scoring swaps the reference in**: the policy's slices are stashed (host), the reference slices written
   into the very parameters the engine trains (ZeRO-3: the partitions; ZeRO 0-2: all-gathered into the
-  replicated tensors), the window is scored by :func:`pipeline.reference.compute_reference_logps` with this
+  replicated tensors), the window is scored by :func:`pipeline.reference.stage.compute_reference_logps` with this
   engine (one implementation: sorted batches, completion-only logits, chunked log-softmax), then the policy is
   written back bit for bit. Chosen over a second inference engine with offloaded parameters, which would hold
   another model's worth of buffers and gather it layer by layer from host memory on every forward.
@@ -49,18 +49,14 @@ across the window's steps). The slices' host copy costs 2-4 bytes per parameter 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from pipeline import reference
 from pipeline.artifacts import (
     atomic_path,
     expected_fingerprint,
@@ -69,57 +65,17 @@ from pipeline.artifacts import (
     write_manifest,
 )
 from pipeline.config import DPOPipelineConfig
-from pipeline.distributed import all_gather_objects, device, is_main_process, on_gpu, rank, world_size
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.distributed import all_gather_objects, device, on_gpu
+from pipeline.errors import ArtifactError
+from pipeline.ranks import is_main_process, rank, world_size
+from pipeline.reference.cache import ReferenceLogps, load_reference_logps, reference_counts, reference_forward_count
+from pipeline.reference.stage import compute_reference_logps
 from pipeline.schedule import TrainingSchedule
+from pipeline.train.windows import VERSION_KIND, VERSION_SCHEMA, WindowPlan, version_dir, window_dir
 
 log = logging.getLogger(__name__)
 
-VERSION_KIND = "reference_version"
-VERSION_SCHEMA = 2
 SLICES_FILE = "tr-dpo-reference-rank{rank}.safetensors"  # in each checkpoint, one per rank
-
-
-# ---------------------------------------------------------------------------------------------- windows
-def window_bounds(config: DPOPipelineConfig, schedule: TrainingSchedule) -> list[tuple[int, int]]:
-    """``[(k*tau, min((k+1)*tau, num_steps)), ...]``: the optimizer steps of each window."""
-    tau = config.ref_model_sync_steps
-    return [(start, min(start + tau, schedule.num_steps)) for start in range(0, schedule.num_steps, tau)]
-
-
-@dataclass(frozen=True)
-class WindowPlan:
-    """The windows of a run: its schedule and each window's steps and examples."""
-
-    schedule: TrainingSchedule
-    bounds: list[tuple[int, int]]
-
-    @classmethod
-    def of(cls, config: DPOPipelineConfig, schedule: TrainingSchedule) -> WindowPlan:
-        return cls(schedule, window_bounds(config, schedule))
-
-    def window(self, k: int) -> tuple[int, int]:
-        if not 0 <= k < len(self.bounds):
-            raise ConfigError(f"window {k} does not exist: this run has windows 0 to {len(self.bounds) - 1}")
-        return self.bounds[k]
-
-    def window_of(self, step: int) -> int:
-        """The window that step ``step`` (0-based) belongs to."""
-        return min(step // (self.bounds[0][1] - self.bounds[0][0]), len(self.bounds) - 1)
-
-    def example_ids(self, k: int) -> np.ndarray:
-        """The distinct examples window k consumes, sorted: what its reference pass scores."""
-        return np.unique(self.schedule.window_ids(*self.window(k)))
-
-
-def version_dir(run_dir: Path, k: int) -> Path:
-    """``<train run dir>/references/v<k>``: the manifest of reference version k (and its export, if asked)."""
-    return run_dir / "references" / f"v{k}"
-
-
-def window_dir(run_dir: Path, k: int) -> Path:
-    """``<train run dir>/windows/<k>/reference``: window k's reference log-probs."""
-    return run_dir / "windows" / str(k) / "reference"
 
 
 # ---------------------------------------------------------------------------------------------- slices
@@ -313,7 +269,7 @@ class TRDPOWindows:
                              verify_files=False)
 
     def start(self, engine, zero3: bool, resumed: Path | None, client: dict | None,
-              step: int) -> reference.ReferenceLogps:
+              step: int) -> ReferenceLogps:
         """At setup: v0 from the policy's initial weights, or the checkpoint's version and slices on resume;
         returns the log-probs of the window ``step`` is in (synced and scored first where needed)."""
         self.slices = ReferenceSlices(engine, zero3, on_device=self.config.ref_slices_on_device)
@@ -339,7 +295,7 @@ class TRDPOWindows:
                 "chain": {str(v): fp for v, fp in self.fingerprints.items()}}
 
     # ------------------------------------------------------------------ windows
-    def before_step(self, step: int) -> reference.ReferenceLogps | None:
+    def before_step(self, step: int) -> ReferenceLogps | None:
         """Before step ``step``: sync if it opens a new window, and return the window's log-probs when they
         change (None when the current ones still apply)."""
         k = self.plan.window_of(step)
@@ -364,7 +320,7 @@ class TRDPOWindows:
                      len(self.plan.bounds), start + 1, stop, k, len(self.plan.example_ids(k)),
                      time.perf_counter() - started)
         self.loaded_window = k
-        return reference.load_reference_logps(out, split="train", expected_ids=self.plan.example_ids(k))
+        return load_reference_logps(out, split="train", expected_ids=self.plan.example_ids(k))
 
     def _extra(self, k: int) -> dict[str, Any]:
         return {"tr_dpo_window": k, "steps": list(self.plan.window(k)), "reference_version": k,
@@ -376,7 +332,7 @@ class TRDPOWindows:
         swapped = self.slices.swap_in()
         engine.eval()
         try:
-            return reference.compute_reference_logps(
+            return compute_reference_logps(
                 self.config, tokenized_dir=self.tokenized_dir, out_dir=window_dir(self.run_dir, k),
                 splits=["train"], engine=engine, weights=self.fingerprints[k],
                 example_ids={"train": self.plan.example_ids(k)}, extra_inputs=self._extra(k))
@@ -387,7 +343,7 @@ class TRDPOWindows:
     # ------------------------------------------------------------------ summary
     def summary(self) -> dict[str, Any]:
         windows = range(len(self.plan.bounds))
-        forwards = sum(reference.reference_forward_count(window_dir(self.run_dir, k)) for k in windows)
+        forwards = sum(reference_forward_count(window_dir(self.run_dir, k)) for k in windows)
         consumed = sum(len(self.plan.example_ids(k)) for k in windows)
         versions = [self._read_version(k) for k in windows]
         return {"reference_versions": len(self.plan.bounds),
@@ -397,20 +353,7 @@ class TRDPOWindows:
                            "consumed_examples": consumed,
                            "versions": [str(version_dir(self.run_dir, k)) for k in windows],
                            "mix_seconds": [v.get("mix_seconds") for v in versions[1:]],
-                           "score_seconds": [read_manifest(window_dir(self.run_dir, k), kind=reference.KIND,
-                                                           verify_files=False)["counts"]["seconds"] for k in windows],
+                           "score_seconds": [reference_counts(window_dir(self.run_dir, k))["seconds"]
+                                             for k in windows],
                            "reference_slice_bytes_per_rank": sum(s.numel() * s.element_size()
                                                                  for s in self.slices.slices)}}
-
-
-def read_versions(run_dir: Path) -> list[dict[str, Any]]:
-    """The version manifests of a TR-DPO run, in order (for reports and audits)."""
-    out, k = [], 0
-    while (version_dir(run_dir, k) / "manifest.json").is_file():
-        out.append(json.loads((version_dir(run_dir, k) / "manifest.json").read_text()))
-        k += 1
-    return out
-
-
-__all__ = ["ReferenceSlices", "TRDPOWindows", "VERSION_KIND", "WindowPlan", "read_versions", "version_dir",
-           "window_bounds", "window_dir"]

@@ -23,7 +23,7 @@ One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
    function the reference pass used (so step 0 with policy == reference gives exactly ln 2), then
    :func:`pipeline.losses.compute_loss` (every variant, MPO sums). DeepSpeed averages the gradient over
    accumulation and ranks, clips it and steps optimizer and schedule. Under TR-DPO a step that opens a window
-   first syncs the reference and scores the window (:mod:`pipeline.tr_dpo`), in this engine.
+   first syncs the reference and scores the window (:mod:`pipeline.train.tr_dpo`), in this engine.
 4. **Metrics**: global-batch means (summed on the engine's device, one all-reduce and one host transfer per
    step) to ``metrics.jsonl``, a progress bar, and an evaluation of the held-out split every ``eval_steps`` and
    at the end (reward accuracy and margins). A non-finite loss or gradient norm stops the run before anything
@@ -52,7 +52,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,13 +60,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import data, reference
 from pipeline.artifacts import (
+    atomic_dir,
     atomic_path,
     atomic_write_json,
     hash_file,
     is_complete,
-    model_weights_hash,
     read_manifest,
     storage_errors,
     write_manifest,
@@ -79,15 +77,12 @@ from pipeline.distributed import (
     check_ranks_agree,
     device,
     init_distributed,
-    is_main_process,
     main_decides,
-    rank,
-    resolve_ds_config,
-    world_size,
-    zero_stage,
+    on_gpu,
 )
+from pipeline.ds_config import resolve_ds_config, zero_stage
 from pipeline.errors import ArtifactError, ConfigError, TrainingDiverged
-from pipeline.logprobs import PairBatch, collate_pairs, completion_logps
+from pipeline.logprobs import PairBatch, collate_pairs, completion_logps, reference_pair_logps
 from pipeline.losses import LossState, PairLogps, compute_loss
 from pipeline.metrics import (
     METRICS_FILE,
@@ -98,10 +93,13 @@ from pipeline.metrics import (
     update_summary,
     write_plots,
 )
-from pipeline.models import resolve_model_dir
 from pipeline.plan import TRAIN_KIND, TRAIN_SCHEMA_VERSION, Plan
+from pipeline.ranks import is_main_process, rank, world_size
+from pipeline.reference.cache import KIND as REFERENCE_KIND
+from pipeline.reference.cache import ReferenceLogps, check_made_from, load_reference_logps
 from pipeline.schedule import TrainingSchedule
-from pipeline.tr_dpo import TRDPOWindows
+from pipeline.tokenize.artifact import SPLIT_FILES, load_tokenized, require_tokenized, tokenized_manifest
+from pipeline.train.tr_dpo import TRDPOWindows
 
 log = logging.getLogger(__name__)
 
@@ -113,33 +111,17 @@ CHECKPOINT_MARKER = "trainer_state.json"  # written last into a checkpoint: it i
 # Fault injection for the divergence guard's tests: the loss of this (1-based) step is made NaN.
 _INJECTED_NONFINITE_STEP = int(os.environ.get("DPO_PIPELINE_INJECT_NONFINITE_LOSS_AT_STEP", "0"))
 
-__all__ = ["KIND", "SCHEMA_VERSION", "DPOTrainingRecipe", "read_summary", "train_dir_for", "train_stage",
-           "update_summary"]
-
-
-# ---------------------------------------------------------------------------------------------- run dir
-def plan_run(config: DPOPipelineConfig) -> Plan:
-    return Plan.of(config)
-
-
-def train_dir_for(config: DPOPipelineConfig) -> Path:
-    """The run dir of ``config``: ``<output_dir>/train/<fingerprint[:16]>``. Another beta gives another dir;
-    logging, eval and save intervals and the process count do not (a resume checks the process count)."""
-    return Plan.of(config).train_dir
+__all__ = ["KIND", "SCHEMA_VERSION", "DPOTrainingRecipe", "read_summary", "train_stage", "update_summary"]
 
 
 # ---------------------------------------------------------------------------------------------- data
 class PreferencePairs:
     """One split of the tokenized artifact joined on ``example_id`` with its reference log-probs."""
 
-    def __init__(self, tokenized_dir: Path, split: str, ref: reference.ReferenceLogps, pad_token_id: int):
-        table = data.load_tokenized(tokenized_dir, split)
+    def __init__(self, tokenized_dir: Path, split: str, ref: ReferenceLogps, pad_token_id: int):
+        table = load_tokenized(tokenized_dir, split)  # example ids checked strictly increasing
         self.table = table.select(["example_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
         self.ids = table.column("example_id").to_numpy()
-        step = np.diff(self.ids)
-        if np.any(step <= 0):
-            what = f"example_id {self.ids[1:][step == 0][:5].tolist()} repeated" if np.any(step == 0) else "unsorted"
-            raise ArtifactError(f"tokenized artifact at {tokenized_dir}, split {split}: {what}; rebuild it")
         self.split, self.reference, self.pad_token_id = split, ref, pad_token_id
 
     def require(self, ids: np.ndarray, where: str) -> None:
@@ -148,28 +130,18 @@ class PreferencePairs:
         if missing.size:
             raise ArtifactError(f"{where}: example_ids {missing[:5].tolist()} are not in the tokenized {self.split} "
                                 f"split ({missing.size} missing)")
-        self.reference.pair_logps(np.unique(ids))
+        self.reference.take(np.unique(ids))
 
     def batch(self, ids: np.ndarray) -> tuple[PairBatch, PairLogps]:
         rows = self.table.take(np.searchsorted(self.ids, ids)).to_pylist()
-        return collate_pairs(rows, self.pad_token_id).to(device()), self.reference.pair_logps(ids, device())
+        reference = reference_pair_logps(self.reference.take(ids), device())
+        return collate_pairs(rows, self.pad_token_id).to(device()), reference
 
 
-def _load_reference(ref_dir: Path, split: str, tokenized_fp: str,
-                    initial_weights: str | None) -> reference.ReferenceLogps:
+def _load_reference(ref_dir: Path, split: str, tokenized_fp: str, initial_weights: str | None) -> ReferenceLogps:
     """A reference split, refused unless it was made from this tokenized artifact (and these weights, if given)."""
-    manifest = read_manifest(ref_dir, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION, verify_files=False)
-    made_from = manifest["inputs"]["tokenized"]
-    if made_from != tokenized_fp:
-        raise ArtifactError(f"reference artifact at {ref_dir} was made from another tokenized artifact "
-                            f"({made_from[:12]}, this run's is {tokenized_fp[:12]}); rerun the reference stage")
-    if initial_weights is not None and manifest["inputs"]["reference_weights"] != initial_weights:
-        raise ArtifactError(f"reference artifact at {ref_dir} was scored with other model weights than the "
-                            f"policy's initial model; rerun the reference stage")
-    if manifest["fingerprint"][:16] != ref_dir.name and ref_dir.parent.name == reference.KIND:
-        raise ArtifactError(f"reference artifact at {ref_dir} holds another artifact (fingerprint "
-                            f"{manifest['fingerprint'][:16]}, not its directory's name); rerun the reference stage")
-    return reference.load_reference_logps(ref_dir, split=split)  # file hashes, duplicates, NaN/inf
+    check_made_from(ref_dir, tokenized_fp, initial_weights)
+    return load_reference_logps(ref_dir, split=split)  # file hashes, duplicates, NaN/inf
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -296,18 +268,11 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def _save_hf(module, state_dict, out: Path, tokenizer_dir: Path) -> None:
     """``save_pretrained`` into a staging dir renamed over ``out``: a reader never sees half a model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
-    try:
-        module.save_pretrained(staging, state_dict=state_dict)
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
+    with atomic_dir(out) as staging:
+        module.save_pretrained(staging, state_dict=state_dict)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -317,15 +282,15 @@ class DPOTrainingRecipe:
     def __init__(self, config: DPOPipelineConfig, plan: Plan, *, train_reference_dir: Path | None = None):
         self.config, self.plan, self.run_dir = config, plan, plan.train_dir
         self.world, self.rank = world_size(), rank()
-        self.ds_config = resolve_ds_config(config, world=self.world)
+        self.ds_config = resolve_ds_config(config, world=self.world, gpu=on_gpu())
         self.spec = config.loss_spec()
-        self.model_dir = resolve_model_dir(config)
-        data.require_tokenized(plan.tokenized_dir)
-        tokenized = data.tokenized_manifest(plan.tokenized_dir, fingerprint=plan.tokenized_fingerprint)
+        self.model_dir = plan.model_dir
+        require_tokenized(plan.tokenized_dir)
+        tokenized = tokenized_manifest(plan.tokenized_dir, fingerprint=plan.tokenized_fingerprint)
         pad = int(tokenized["pad_token_id"])
         # The default reference artifact must hold the scores of the weights the policy starts from; an explicit
         # one is checked against the data only. Under TR-DPO each window's log-probs come from the run itself.
-        initial_weights = model_weights_hash(self.model_dir)
+        initial_weights = plan.reference_weights
         self.reference_dirs = {"eval": plan.reference_dir}
         train_ref = None
         if not config.sync_ref_model:
@@ -337,7 +302,7 @@ class DPOTrainingRecipe:
         self.tr_dpo = (TRDPOWindows(config, self.run_dir, self.model_dir, plan.tokenized_dir,
                                     plan.tokenized_fingerprint, self.schedule) if config.sync_ref_model else None)
         self.eval = None
-        if data.SPLIT_FILES["eval"] in tokenized["files"]:
+        if SPLIT_FILES["eval"] in tokenized["files"]:
             eval_ref = _load_reference(self.reference_dirs["eval"], "eval", plan.tokenized_fingerprint, initial_weights)
             self.eval = PreferencePairs(plan.tokenized_dir, "eval", eval_ref, pad)
             self.eval.require(self.eval.ids, f"eval reference {self.reference_dirs['eval']}")
@@ -615,7 +580,7 @@ class DPOTrainingRecipe:
             "train_metrics": train,
             "eval_metrics": evaluation,
             "fingerprints": {"train": self.plan.train_fingerprint, "tokenized": self.plan.tokenized_fingerprint,
-                             **{f"reference_{split}": read_manifest(path, kind=reference.KIND, verify_files=False)[
+                             **{f"reference_{split}": read_manifest(path, kind=REFERENCE_KIND, verify_files=False)[
                                  "fingerprint"] for split, path in self.reference_dirs.items()}},
             "paths": {"model": str(model_dir), "metrics": str(self.run_dir / METRICS_FILE), "plots": plots,
                       "tokenized": str(self.plan.tokenized_dir),
@@ -635,15 +600,15 @@ class DPOTrainingRecipe:
 
 # ---------------------------------------------------------------------------------------------- the stage
 def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None,
-                train_reference_dir: Path | None = None) -> Path:
+                train_reference_dir: Path | None = None, plan: Plan | None = None) -> Path:
     """Train (or resume) the run of ``config`` up to ``stop_step`` (exclusive) or the end; return the run dir.
 
     Collective. The reference log-probs are the reference stage's artifact for ``config`` (or
     ``train_reference_dir`` for the train split); under TR-DPO each window's are scored inside the run
-    (:mod:`pipeline.tr_dpo`). Stopping before the end leaves a checkpoint there (the next call resumes
+    (:mod:`pipeline.train.tr_dpo`). Stopping before the end leaves a checkpoint there (the next call resumes
     exactly). At the end: ``final_model``, ``metrics.jsonl``, plots, ``summary.json`` and ``manifest.json``.
     A complete run dir is returned as is."""
-    plan = plan_run(config)
+    plan = plan or Plan.of(config)
     run_dir = plan.train_dir
     init_distributed(config)
     check_ranks_agree(config, what={"train": plan.train_fingerprint, "tokenized": plan.tokenized_fingerprint})
