@@ -1,7 +1,8 @@
 """Stage jobs seen from Prefect: their output in the task's log, their progress as an artifact, and their end.
 
 * :class:`JobOutput` is the ``on_line`` of :func:`pipeline.launch.run_stage`: every line of the job goes to the
-  Prefect task's log, except the refreshes of the stage's own tqdm bar (described by the stage's name:
+  Prefect task's log (up to a refusal of its input, which the task reports as the error itself), except the
+  refreshes of the stage's own tqdm bar (described by the stage's name:
   ``train:  45%|...``; one line per refresh, because the launcher reads the pipe in text mode, which turns
   tqdm's carriage returns into line ends). Those drive a progress artifact instead, updated (and logged) every
   :data:`PROGRESS_STEP` percent, and every :data:`PROGRESS_SECONDS` while the bar moves, so a long stage costs
@@ -33,6 +34,8 @@ import os
 import re
 import signal
 import time
+from typing import cast
+from uuid import UUID
 
 import psutil
 from prefect import get_run_logger
@@ -53,6 +56,9 @@ _TQDM = re.compile(r"^\s*(?P<desc>[\w .-]*?):\s+(?P<percent>\d{1,3})%\|")
 _WINDOW = re.compile(r"TR-DPO window (?P<k>\d+)/(?P<n>\d+) \(steps (?P<steps>[\d-]+)\): reference version "
                      r"(?P<version>\d+)")
 _LOSS = re.compile(r"loss=(?P<loss>[-\d.naif]+)")
+# The line a stage prints when it refuses its input (pipeline/cli.py). The error itself reaches the task with its
+# type (the job's --error-file); what the job prints after this line is its launcher's report of the exit.
+_REFUSED = re.compile(r"^dpo-pipeline [\w-]+: error: ")
 
 
 def parse_progress(line: str) -> tuple[str, float] | None:
@@ -69,16 +75,25 @@ class JobOutput:
         self.bar = bar
         self.logger = get_run_logger()
         # Tags the job about to start (see the module's note); set per job, since one process may run many flows.
-        os.environ["PREFECT__FLOW_RUN_ID"] = current_flow_run.get_id()
-        self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+        flow_run_id = current_flow_run.get_id()
+        assert flow_run_id is not None, "JobOutput runs in a stage task of a flow run"
+        os.environ["PREFECT__FLOW_RUN_ID"] = flow_run_id
+        # A sync task, so async_dispatch calls the sync function; its annotation adds the async variant's coroutine.
+        self.artifact_id = cast(UUID, create_progress_artifact(progress=0.0, key=key, description=description))
         self.shown: float | None = None  # the percentage last shown; None until the bar first appears
         self.shown_at = time.monotonic()
         self.windows: list[dict[str, str]] = []  # TR-DPO windows started so far, with the loss each ended at
         self.key = key
+        self.refused = False  # the job printed its refusal: nothing more of it goes to the task's log
 
     def __call__(self, line: str) -> None:
-        if not line.strip():
+        if self.refused or not line.strip():
             return  # tqdm's carriage returns leave empty lines
+        if _REFUSED.match(line):
+            # The task fails with this error (once, by type); the rest, the launcher's traceback of a rank that
+            # exited 2, stays in logs/<stage>.log.
+            self.refused = True
+            return
         if window := _WINDOW.search(line):
             self._window_started(window)
         progress = parse_progress(line)

@@ -39,7 +39,9 @@ outright stays Running there until cancelled or cleaned up by that server's own 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -65,12 +67,12 @@ from prefect.client.schemas.objects import StateType
 from prefect.context import refresh_global_settings_context
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import TerminationSignal
-from prefect.logging.handlers import APILogWorker
+from prefect.logging.handlers import APILogWorker, PrefectConsoleHandler
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 from prefect.states import Crashed
 
 from pipeline.artifacts import storage_errors
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, subclasses
 from pipeline.launch import die_with_parent
 from pipeline.ranks import free_port
 
@@ -212,6 +214,38 @@ def signals_end_the_run(command: str) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _RefusalsOnce(logging.Filter):
+    """For the console only: Prefect's records of a run that failed on refused input (the task's and the flow's
+    error, each with a traceback) are left out, so the terminal shows the CLI's one line. The API's logs, and
+    the run's states in the UI, keep every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, PipelineError):
+            return False
+        # The flow's final state line repeats the error as text: "Failed('Flow run encountered ... ConfigError: ...')"
+        return not (record.levelno >= logging.ERROR and _REFUSAL_IN_STATE.search(record.getMessage()))
+
+
+_REFUSAL_IN_STATE = re.compile("|".join(rf"\b{name}: " for name in sorted(
+    cls.__name__ for cls in subclasses(PipelineError))))
+
+
+@contextlib.contextmanager
+def refusals_once() -> Iterator[None]:
+    """While a ``dpo-pipeline run`` runs: :class:`_RefusalsOnce` on every Prefect console handler."""
+    handlers = {handler for logger in (logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict))
+                for handler in getattr(logger, "handlers", []) if isinstance(handler, PrefectConsoleHandler)}
+    quiet = _RefusalsOnce()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 @contextlib.contextmanager

@@ -30,13 +30,13 @@ cannot check a value as it is typed; the flow's first line does, and fails the r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from prefect import flow, get_client
 from prefect.settings import PREFECT_API_URL
 
 from flows.jobs import stop_flow_run_jobs
-from flows.local_run import run_api, signals_end_the_run
+from flows.local_run import refusals_once, run_api, signals_end_the_run
 from flows.report import format_report, publish_report
 from flows.tasks import (
     reference_task,
@@ -49,8 +49,20 @@ from pipeline.errors import PipelineError
 from pipeline.lock import output_dir_lock
 from pipeline.plan import Plan
 
+if TYPE_CHECKING:
+    from prefect.flows import FlowStateHook
+
 DEFAULT_CONFIG = "configs/default.yaml"
-_JOB_HOOKS = {"on_cancellation": [stop_flow_run_jobs], "on_crashed": [stop_flow_run_jobs]}
+
+
+class _JobHooks(TypedDict):
+    """The hooks of a flow that runs jobs; a TypedDict, so that ``**_JOB_HOOKS`` type-checks against ``@flow``."""
+
+    on_cancellation: list[FlowStateHook[..., Any]]
+    on_crashed: list[FlowStateHook[..., Any]]
+
+
+_JOB_HOOKS: _JobHooks = {"on_cancellation": [stop_flow_run_jobs], "on_crashed": [stop_flow_run_jobs]}
 
 
 def _tokenize(config: DPOPipelineConfig, plan: Plan) -> str:
@@ -136,7 +148,8 @@ def run_pipeline(config: DPOPipelineConfig) -> dict[str, str]:
     # The flow takes JSON parameters: the config travels as its values (all of them, so nothing depends on a
     # file), with output_dir absolute so the run's records name the real place.
     values = config.model_dump(mode="json") | {"output_dir": str(config.output_path)}
-    with signals_end_the_run("dpo-pipeline run"), output_dir_lock(config), run_api(config.output_path):
+    with signals_end_the_run("dpo-pipeline run"), output_dir_lock(config), run_api(config.output_path), \
+            refusals_once():
         paths = dpo_pipeline(config_path=None, overrides=values)
     print(format_report(config, paths))
     return paths

@@ -28,7 +28,10 @@ STAGES = {
              "sync_ref_model is set)",
     "run": "the whole pipeline as a Prefect flow: tokenize -> reference -> train",
     "build-tiny-model": "build the default tiny Llama + tokenizer (no download) into model_name_or_path",
+    "config": "print every accepted config key (with --config: the resolved config as YAML)",
 }
+# Options of a stage itself; any other --key value (TRL's command-line spelling) is a config override.
+_STAGE_OPTIONS = {"--config", "--output-dir", "--error-file", "--local_rank", "--local-rank", "-h", "--help"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +51,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def override_arguments(argv: list[str]) -> list[str]:
+    """``--beta 0.1``, ``--beta=0.1`` and a bare ``--bf16`` (true), as TRL's scripts take them, become the
+    ``key=value`` overrides the stages read; the stages' own options pass through."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if not token.startswith("--") or name in _STAGE_OPTIONS:
+            out.append(token)
+            if name in _STAGE_OPTIONS and "=" not in token and i + 1 < len(argv) and name not in ("-h", "--help"):
+                out.append(argv[i + 1])  # the option's value, whatever it looks like
+                i += 1
+        elif "=" in token:
+            out.append(token[2:])
+        elif token.startswith("--no_") and _known_key(token[5:]) and not _known_key(token[2:]):
+            out.append(f"{token[5:]}=false")  # HfArgumentParser's negation of a flag that defaults to true
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{token[2:]}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(f"{token[2:]}=true")
+        i += 1
+    return out
+
+
+def _known_key(key: str) -> bool:
+    from pipeline import trl_keys
+    from pipeline.config import FIELD_NAMES
+
+    return key in FIELD_NAMES or key in trl_keys.known_keys()
+
+
+def _log_level(config: DPOPipelineConfig) -> None:
+    """``log_level`` for the pipeline's loggers; passive (transformers' default): info on rank 0, warnings
+    elsewhere (N ranks would repeat every line)."""
+    import os
+
+    level = config.log_level
+    if level == "passive":
+        level = "info" if os.environ.get("RANK", "0") == "0" else "warning"
+    logging.getLogger("pipeline").setLevel(level.upper())
+
+
 def run_command(args: argparse.Namespace) -> None:
-    from pipeline.config import load_config
+    from pipeline.config import describe_keys, load_config, save_config
     from pipeline.lock import output_dir_lock
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.stage == "config" and args.config is None and not overrides:
+        print(describe_keys())
+        return
     config = load_config(args.config, overrides)
+    if args.stage == "config":
+        save_config(config, sys.stdout)
+        return
+    _log_level(config)
     # One run per output directory (pipeline/lock.py); build-tiny-model writes only the model directory.
     with contextlib.nullcontext() if args.stage == "build-tiny-model" else output_dir_lock(config):
         _run_stage(args, config)
@@ -67,7 +120,9 @@ def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
     if args.stage == "build-tiny-model":
         from pipeline.tiny_model import build_tiny_model
 
-        print(build_tiny_model(config.resolve_path(config.model_name_or_path)))
+        model_dir = config.resolve_path(config.model_name_or_path)
+        assert model_dir is not None, "model_name_or_path is a str, and resolve_path returns None only for None"
+        print(build_tiny_model(model_dir))
     elif args.stage == "tokenize":
         from pipeline.tokenize.stage import tokenize_stage
 
@@ -124,8 +179,18 @@ def _record_error(path: str, error: PipelineError) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def quiet_library_warnings() -> None:
+    """Warnings that name no setting of the user's: DeepSpeed 0.19's calls of the torch collectives torch 2.13
+    deprecates (``reduce_scatter_tensor``, ``all_gather_into_tensor``) warn on every ZeRO step, 190 lines in a
+    5-step run. Everything else still shows."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    quiet_library_warnings()
+    args = build_parser().parse_args(override_arguments(sys.argv[1:] if argv is None else argv))
     if args.stage != "run":  # under `run`, Prefect's own logging (task names, levels) must stay in charge
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -115,7 +115,8 @@ def init_distributed(config=None) -> None:
         configure_cuda_numerics(config)
     else:
         # importlib, not `import deepspeed.comm.torch as m`: that name resolves to the `torch` package.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        comm_torch: Any = importlib.import_module("deepspeed.comm.torch")  # untyped: patch an attribute on it
+        comm_torch.build_shm_op = lambda: None
     timeout = timedelta(seconds=config.ddp_timeout if config is not None else 1800)
     deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if on_gpu() else "gloo", timeout=timeout)
 
@@ -124,8 +125,9 @@ def configure_cuda_numerics(config) -> None:
     """TF32 matmuls (bf16/fp32 training on Ampere+ loses nothing that matters, gains up to 8x over fp32), and
     no cuDNN attention for SDPA unless the user picked an attention implementation: on torch 2.13 with H100/H200
     its backward gives NaN gradients with a padding mask (huggingface/trl#7181, pytorch#196678)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    tf32 = config is None or config.tf32 is not False  # TrainingArguments' tf32: false turns it off
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     if config is None or config.attn_implementation is None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 

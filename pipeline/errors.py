@@ -43,9 +43,10 @@ class TrainingDiverged(PipelineError):
 def from_record(record: dict[str, str]) -> PipelineError:
     """The error a job's rank raised, rebuilt from :meth:`PipelineError.record` with its own class, so that a
     launcher's caller tells a refused input from a crash by type, not by parsing the job's output."""
-    kinds = {cls.__name__: cls for cls in _subclasses(PipelineError)}
+    kinds = {cls.__name__: cls for cls in subclasses(PipelineError)}
     return kinds.get(record.get("type", ""), PipelineError)(record.get("message", ""))
 
 
-def _subclasses(cls: type) -> list[type]:
-    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+def subclasses(cls: type[PipelineError]) -> list[type[PipelineError]]:
+    """``cls`` and every class below it."""
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in subclasses(direct))]

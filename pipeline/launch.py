@@ -115,6 +115,7 @@ def stage_command(stage: str, config_path: Path, config: DPOPipelineConfig, *, e
             command += ["--num_gpus", nproc]
         return [*command, "--master_port", str(free_port()), "--module", *target]
     if config.num_nodes > 1:
+        assert config.rdzv_endpoint, "the config refuses torchrun with num_nodes > 1 and no rdzv_endpoint"
         host, _, port = config.rdzv_endpoint.rpartition(":")
         nodes = ["--nnodes", str(config.num_nodes), "--node_rank", str(config.node_rank),
                  "--master_addr", host, "--master_port", port]
@@ -160,7 +161,9 @@ def check_launch(config: DPOPipelineConfig) -> None:
     pdsh's or ssh's failure on one node, after the others started)."""
     gpus = node_gpus(config.device)
     if config.launcher == "deepspeed" and config.hostfile:
-        _check_hostfile(config.resolve_path(config.hostfile))
+        hostfile = config.resolve_path(config.hostfile)
+        assert hostfile is not None, "resolve_path returns None only for None, and hostfile is a str here"
+        _check_hostfile(hostfile)
     if gpus and config.launcher != "slurm" and config.num_processes > gpus:
         raise ConfigError(f"num_processes: {config.num_processes} ranks per node, but {socket.gethostname()} has "
                           f"{gpus} visible GPU(s); set num_processes to at most that")
@@ -212,6 +215,7 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
             timer.start()
         with storage_errors(log_path), open(log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
+            assert proc.stdout is not None, "Popen was given stdout=PIPE"
             for line in proc.stdout:
                 log.write(line)
                 tail.append(line.rstrip("\n"))

@@ -335,7 +335,7 @@ def dpo_loss(
     """
     if not isinstance(loss_type, str):
         raise TypeError(f"loss_type: dpo_loss takes one variant name, got {loss_type!r}; use compute_loss for MPO")
-    spec = LossSpec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+    spec = LossSpec(loss_type=(loss_type,), beta=beta, label_smoothing=label_smoothing,
                     f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                     discopop_tau=discopop_tau, reference_free=reference_free,
                     ipo_length_normalized=ipo_length_normalized)
@@ -536,7 +536,7 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
                                      spec.f_divergence_type, spec.f_alpha_divergence_coef)
         bco_delta = state.update_bco(spec.beta * scores)
 
-    total = 0.0
+    total: Tensor | float = 0.0
     metrics: dict[str, Tensor] = {}
     for name, weight in zip(spec.loss_type, spec.weights, strict=True):
         # SFT is the NLL of the whole chosen completion, so it reads the raw sums, not the LD-DPO ones.
@@ -546,6 +546,7 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
         term = (losses * weights).mean() if weights is not None else losses.mean()
         metrics[f"loss/{name}"] = term.detach()
         total = total + weight * term
+    assert isinstance(total, Tensor), "LossSpec refuses an empty loss_type, so the loop ran at least once"
 
     chosen_rewards = spec.beta * (chosen - ref_chosen).detach()
     rejected_rewards = spec.beta * (rejected - ref_rejected).detach()

@@ -19,6 +19,7 @@ def resolve_model_dir(config: DPOPipelineConfig) -> Path:
     """The local model directory of ``config.model_name_or_path`` (built or downloaded when needed); the
     tokenizer and the reference come from this one directory."""
     path, name = config.resolve_path(config.model_name_or_path), config.model_name_or_path
+    assert path is not None, "model_name_or_path is a str, and resolve_path returns None only for None"
     if path.exists():
         return path
     if path.resolve() == DEFAULT_MODEL_DIR.resolve():
@@ -31,13 +32,28 @@ def resolve_model_dir(config: DPOPipelineConfig) -> Path:
     # sometimes GGUF or ONNX copies), which would double the download and every later hash.
     metadata = ["*.json", "*.txt", "*.model", "*.jinja", "*.py"]
     try:
-        local = Path(snapshot_download(name, allow_patterns=[*metadata, "*.safetensors"]))
+        revision = config.model_revision
+        local = Path(snapshot_download(name, revision=revision, allow_patterns=[*metadata, "*.safetensors"]))
         if not any(local.glob("*.safetensors")):
-            local = Path(snapshot_download(name, allow_patterns=[*metadata, "*.bin"]))
+            local = Path(snapshot_download(name, revision=revision, allow_patterns=[*metadata, "*.bin"]))
         return local
     except Exception as exc:  # noqa: BLE001 -- network, auth or missing repo: "this model cannot be had here"
         raise ConfigError(f"model_name_or_path: '{name}' is not a local directory and could not be fetched from "
                           f"the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
-__all__ = ["resolve_model_dir"]
+def code_kwargs(config: DPOPipelineConfig) -> dict[str, bool]:
+    """What every ``from_pretrained`` of the model's repository (config, tokenizer, weights) is given."""
+    return {"trust_remote_code": config.trust_remote_code}
+
+
+def model_kwargs(config: DPOPipelineConfig) -> dict[str, object]:
+    """What every ``AutoModelForCausalLM.from_pretrained`` is given besides the dtype (policy and reference alike:
+    the reference pass and training must run the same attention implementation)."""
+    kwargs: dict[str, object] = {**code_kwargs(config)}
+    if config.attn_implementation is not None:
+        kwargs["attn_implementation"] = config.attn_implementation
+    return kwargs
+
+
+__all__ = ["code_kwargs", "model_kwargs", "resolve_model_dir"]

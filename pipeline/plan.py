@@ -15,7 +15,8 @@ fingerprint by default: forgetting a list can cost a needless rerun, never a sta
 
 Fields named by path enter by content, not spelling: ``model_name_or_path`` through the tokenizer's and the
 weights' hashes (so a job that receives the resolved local path plans the same run), ``dataset_name`` through
-the dataset's hash, ``deepspeed`` through the ds_config's JSON.
+the dataset's hash, ``deepspeed`` and ``accelerate_config`` through the ds_config they give (its JSON, or the one
+an accelerate YAML makes).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from pipeline.artifacts import artifact_dir, expected_fingerprint, model_weights_hash
 from pipeline.config import FIELD_NAMES, DPOPipelineConfig
-from pipeline.ds_config import load_ds_config
+from pipeline.ds_config import user_ds_config
 from pipeline.models import resolve_model_dir
 from pipeline.reference import cache as reference_cache
 from pipeline.reference.cache import REFERENCE_FIELDS, dtype_name, reference_inputs, scored_splits
@@ -40,15 +41,19 @@ TRAIN_SCHEMA_VERSION = 2
 # Cannot change any artifact's content that matters: paths, launching, observation, cadence of saves.
 NOT_ARTIFACT_FIELDS = frozenset({
     "output_dir",                                   # where the artifacts go (they are content-addressed below it)
+    "dataset_num_proc",                             # tokenizer processes: the same ids in the same order
     "num_processes", "num_nodes", "node_rank",      # data parallel: the same global batches (a resume checks it)
     "launcher", "rdzv_endpoint", "hostfile", "device", "ddp_timeout", "output_dir_lock",
     "slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_extra_args",
     "logging_steps", "eval_steps", "per_device_eval_batch_size",  # what is measured and logged, not the model
+    "logging_strategy", "eval_strategy", "eval_on_start", "run_name", "log_level",
+    "save_strategy",                                # as save_steps
+    "dtype",                                        # must agree with bf16, which decides the training dtype
     "save_steps", "save_total_limit", "save_reference_versions",  # checkpoints resume bit for bit
     "precompute_ref_batch_size", "reference_zero_stage", "ref_slices_on_device",  # how scores are computed
 })
 # Fields that enter the training fingerprint as content, not as their value.
-_BY_CONTENT = frozenset({"deepspeed"})
+_BY_CONTENT = frozenset({"deepspeed", "accelerate_config"})
 
 
 def training_fields() -> tuple[str, ...]:
@@ -88,7 +93,7 @@ class Plan:
             "tokenized": tokenized_fp,
             # The reference artifact's content address: it covers the initial weights, where the policy starts.
             "reference": reference_dir.name,
-            "deepspeed": load_ds_config(config.resolve_path(config.deepspeed)),  # the ds_config's content
+            "deepspeed": user_ds_config(config),  # the ds_config's content, from `deepspeed` or `accelerate_config`
         }
         fp = expected_fingerprint(TRAIN_KIND, TRAIN_SCHEMA_VERSION, inputs)
         tokenized_dir = artifact_dir(config.output_path, tokenized.KIND, tokenized_fp)

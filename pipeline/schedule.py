@@ -39,7 +39,7 @@ class TrainingSchedule:
             raise ConfigError(f"per_device_train_batch_size: the global batch ({global_batch}) is larger than "
                               f"the train split ({len(ids)} examples)")
         steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-        return cls(ids, global_batch, steps, config.seed)
+        return cls(ids, global_batch, steps, config.seed if config.data_seed is None else config.data_seed)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -69,3 +69,36 @@ class TrainingSchedule:
         batch = self.step_ids(step)
         micro = self.global_batch_size // (world * accumulation)
         return [batch[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accumulation)]
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Every how many optimizer steps a run logs, evaluates and saves (None: never), from TrainingArguments'
+    strategies and steps, resolved once the run's length is known: a ``*_steps`` below 1 is that fraction of
+    the steps (rounded up), as transformers does; ``epoch`` is the steps of one epoch."""
+
+    logging: int | None
+    eval: int | None
+    save: int | None
+    final_eval: bool  # evaluate after the last step (unless eval_strategy is "no")
+
+    @classmethod
+    def of(cls, config, schedule: TrainingSchedule) -> Cadence:
+        def every(strategy: str | None, steps: int | float | None) -> int | None:
+            if strategy == "no":
+                return None
+            if strategy == "epoch":
+                return schedule.steps_per_epoch
+            if steps is None:
+                return None
+            return math.ceil(steps * schedule.num_steps) if steps < 1 else int(steps)
+
+        eval_steps = config.eval_steps
+        if config.eval_strategy == "steps" and eval_steps is None:
+            eval_steps = config.logging_steps  # transformers' default
+        return cls(every(config.logging_strategy, config.logging_steps), every(config.eval_strategy, eval_steps),
+                   every(config.save_strategy, config.save_steps), config.eval_strategy != "no")
+
+    @staticmethod
+    def due(every: int | None, step: int) -> bool:
+        return every is not None and step % every == 0

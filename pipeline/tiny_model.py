@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
 
 
 def _corpus_lines(files) -> list[str]:
-    lines = []
+    lines: list[str] = []
     for file in files:
         for raw in Path(file).read_text().splitlines():
             row = json.loads(raw)

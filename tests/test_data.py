@@ -15,7 +15,6 @@ from pipeline.errors import ArtifactError, DataError
 from pipeline.tokenize.artifact import SCHEMA, load_tokenized, tokenized_fingerprint, tokenized_manifest
 from pipeline.tokenize.formats import SKIP_REASONS
 from pipeline.tokenize.stage import tokenize_stage
-from pipeline.tokenize.truncation import Truncation
 
 CHAT_SAMPLE = REPO_ROOT / "data" / "conversational_sample.jsonl"
 
@@ -41,37 +40,8 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
-# ---------------------------------------------------------------------------------------------- truncation rule
-P = list(range(1, 11))   # a 10-token prompt
-C = list(range(20, 26))  # a 6-token chosen completion
-R = [30, 31, 32]         # a 3-token rejected completion
-
-
-@pytest.mark.parametrize("mode, prompt", [("keep_start", [1, 2, 3, 4]), ("keep_end", [7, 8, 9, 10])])
-def test_truncation_cuts_prompt_by_mode_then_completions_keep_their_start(mode, prompt):
-    # prompt 10 -> 4 by mode; chosen 6 -> 5 (max_completion_length) -> 4 (max_length 8 - prompt 4); rejected fits.
-    rule = Truncation(max_length=8, max_prompt_length=4, max_completion_length=5, truncation_mode=mode)
-    assert rule.apply(P, C, R) == (prompt, [20, 21, 22, 23], [30, 31, 32])
-
-
-def test_truncation_max_length_alone_cuts_both_completions_to_the_room_left():
-    # 12 - 10 prompt tokens leaves room for 2 completion tokens; the prompt is never cut without max_prompt_length.
-    assert Truncation(12, None, None, "keep_end").apply(P, C, R) == (P, [20, 21], [30, 31])
-
-
-def test_truncation_max_completion_length_alone():
-    assert Truncation(None, None, 2, "keep_start").apply(P, C, R) == (P, [20, 21], [30, 31])
-
-
-@pytest.mark.parametrize("max_length, expected", [(10, None), (11, (P, [20], [30]))])
-def test_truncation_prompt_filling_max_length_gives_no_row(max_length, expected):
-    assert Truncation(max_length, None, None, "keep_end").apply(P, C, R) == expected
-
-
-def test_truncation_without_limits_is_identity():
-    assert Truncation(None, None, None, "keep_end").apply(P, C, R) == (P, C, R)
-
-
+# ---------------------------------------------------------------------------------------------- truncation
+# The rule itself: tests/test_truncation.py.
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
 def test_stage_truncates_and_flags_rows(make_config, tokenizer, tmp_path, mode):
     row = {"prompt": "what colour is a banana ? " * 4, "chosen": "sure . a banana is yellow . " * 3,
@@ -84,8 +54,12 @@ def test_stage_truncates_and_flags_rows(make_config, tokenizer, tmp_path, mode):
     prompt = tokenizer(row["prompt"])["input_ids"]
     chosen = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert len(prompt) > 8 and len(chosen) > 16  # both really need cutting
-    assert got["prompt_input_ids"] == (prompt[:8] if mode == "keep_start" else prompt[-8:])
-    assert got["chosen_input_ids"] == chosen[:12]  # min(16, 20 - 8)
+    # TRL < 0.29's rule (max_prompt_length is set): the prompt keeps its last 8 tokens whatever the mode, the
+    # completion its first 16; then keep_start cuts the completion to 20 - 8, keep_end the prompt's head by 4.
+    if mode == "keep_start":
+        assert got["prompt_input_ids"] == prompt[-8:] and got["chosen_input_ids"] == chosen[:12]
+    else:
+        assert got["prompt_input_ids"] == prompt[-4:] and got["chosen_input_ids"] == chosen[:16]
     assert got["rejected_input_ids"] == tokenizer("ugh .", add_special_tokens=False)["input_ids"] + [1]
     assert (got["prompt_truncated"], got["chosen_truncated"], got["rejected_truncated"]) == (True, True, False)
     assert tokenized_manifest(out)["counts"]["train"]["truncated"] == {"prompt": 1, "chosen": 1, "rejected": 0}
@@ -344,7 +318,8 @@ def test_unusable_rows_are_skipped_counted_and_logged(make_config, tmp_path, cap
         base | {"chosen": "sure , fine ."},                                        # 6 kept
     ]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    config = make_config(dataset_name=str(data), max_length=40, max_prompt_length=None, max_completion_length=3)
+    config = make_config(dataset_name=str(data), max_length=40, max_prompt_length=None, max_completion_length=3,
+                         truncation_mode="keep_start")
     with caplog.at_level(logging.WARNING, logger="pipeline.tokenize"):
         out = tokenize_stage(config)
     assert load_tokenized(out, "train").column("example_id").to_pylist() == [0, 6]  # the same ids, with gaps

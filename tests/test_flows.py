@@ -182,8 +182,8 @@ def test_changed_beta_reruns_only_training_which_resumes_when_its_job_is_killed(
     before = snapshot(config)
 
     changed = load_config(DEFAULT_CONFIG, overrides | {"beta": 0.3})
-    before, after = Plan.of(config), Plan.of(changed)
-    assert after.reference_dir == before.reference_dir and after.train_dir != before.train_dir
+    old_plan, new_plan = Plan.of(config), Plan.of(changed)
+    assert new_plan.reference_dir == old_plan.reference_dir and new_plan.train_dir != old_plan.train_dir
     killed: list[int] = []
     killer = threading.Thread(target=_kill_training_rank_after_checkpoint,
                               args=(Plan.of(changed).train_dir, changed.output_path, killed))
@@ -215,14 +215,18 @@ def test_invalid_config_fails_the_flow_before_any_work(prefect_api, tiny):
 
 def test_a_stage_job_that_refuses_its_input_fails_the_flow_with_that_error_without_retry(prefect_api, tiny,
                                                                                           tmp_path):
-    ds_config = tmp_path / "ds_fp16.json"
-    ds_config.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}))
+    # An explicit global batch the job's world size contradicts: only the training job, knowing its ranks, can
+    # tell (a ds_config that is wrong by itself is refused when the config is loaded, before any job).
+    ds_config = tmp_path / "ds_batch.json"
+    ds_config.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 0}}))
     state = dpo_pipeline(config_path=DEFAULT_CONFIG, overrides=tiny(deepspeed=str(ds_config)), return_state=True)
     assert state.is_failed()
     # The rank's own error, with its type (from the job's error record, not from its log).
-    assert state.message.endswith("ConfigError: deepspeed: fp16 is not supported on CPU; use bf16 or fp32")
+    assert re.search(r"ConfigError: .*sets train_batch_size=999 but .*; set it to \"auto\"",
+                     state.message), state.message
     runs = task_runs(state.state_details.flow_run_id)
-    assert runs["reference-pass"].state.name == "Failed" and runs["reference-pass"].run_count == 1  # not retried
+    assert runs["reference-pass"].state.name == "Completed"
+    assert runs["train"].state.name == "Failed" and runs["train"].run_count == 1  # not retried
 
 
 def test_unreachable_prefect_api_is_one_clear_line(make_config, tmp_path, capsys):

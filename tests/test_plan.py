@@ -37,7 +37,16 @@ ALTERNATIVES = {
     "node_rank": {"num_nodes": 2, "node_rank": 1, "rdzv_endpoint": "node0:29500"},
     "rdzv_endpoint": "node0:29500", "hostfile": "hostfile", "slurm_partition": "gpu", "slurm_time": "01:00:00",
     "slurm_gpus_per_node": 8, "slurm_extra_args": ["--account=llm"], "reference_zero_stage": 3,
-    "output_dir_lock": "fail",
+    "output_dir_lock": "fail", "dataset_config": "default", "dataset_num_proc": 2,
+    "dataset_columns": {"dataset_columns": {"prompt": "prompt", "chosen": "rejected", "rejected": "chosen"}},
+    "dataset_mixture": {"dataset_name": None, "dataset_mixture": {
+        "datasets": [{"id": "<the data>", "split": "train", "weight": 0.5}], "test_split_size": 2, "seed": 3}},
+    "lr_scheduler_kwargs": {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}},
+    "optim": "adamw_torch", "accelerate_config": str(REPO_ROOT / "configs" / "accelerate_zero3_offload.yaml"),
+    "data_seed": 7, "tf32": False, "logging_strategy": "epoch", "eval_strategy": "no", "eval_on_start": True,
+    "save_strategy": "no", "run_name": "another",
+    "gradient_checkpointing_kwargs": {"gradient_checkpointing_kwargs": {"use_reentrant": True}},
+    "log_level": "debug", "model_revision": "v2", "trust_remote_code": True, "dtype": "float32",
 }
 
 
@@ -67,6 +76,8 @@ def variants(tmp_path_factory, tiny_model_dir):
     plans = {None: Plan.of(load_config(None, base))}
     for field, value in ALTERNATIVES.items():
         change = value if isinstance(value, dict) else {field: concrete.get(field, value)}
+        # A placeholder inside a companion value (the mixture's dataset id) is this fixture's data.
+        change = json.loads(json.dumps(change).replace('"<the data>"', json.dumps(str(data_dir))))
         plans[field] = Plan.of(load_config(None, {**base, **change}))
     return plans
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import (
+    MANIFEST,
     atomic_write_text,
     fingerprint,
     hash_file,
@@ -71,7 +72,7 @@ def scored_splits(config: DPOPipelineConfig, present: Sequence[str]) -> list[str
 
 
 def reference_inputs(*, tokenized_fingerprint: str, weights_hash: str, dtype: str, splits: Sequence[str],
-                     example_ids: Mapping[str, Sequence[int]] | None = None,
+                     example_ids: Mapping[str, Sequence[int] | np.ndarray] | None = None,
                      extra_inputs: Mapping | None = None) -> dict[str, Any]:
     """Every input of a reference artifact's fingerprint, in one place."""
     return {
@@ -196,7 +197,7 @@ class ReferenceLogps:
             self.rejected_lengths)))
 
 
-def load_reference_logps(ref_dir: Path, *, split: str, expected_ids: Sequence[int] | None = None,
+def load_reference_logps(ref_dir: Path, *, split: str, expected_ids: Sequence[int] | np.ndarray | None = None,
                          fingerprint: str | None = None) -> ReferenceLogps:
     """Read and verify one split of a reference artifact.
 
@@ -230,7 +231,8 @@ def load_reference_logps(ref_dir: Path, *, split: str, expected_ids: Sequence[in
         raise ArtifactError(f"{where}: {len(ids)} rows, the manifest says "
                             f"{manifest['counts']['examples_by_split'][split]}")
     column = table.column
-    return ReferenceLogps(split, ids.astype(np.int64), *(column(n).to_numpy() for n in VALUE_COLUMNS),
+    chosen, rejected, chosen_public, rejected_public = (column(n).to_numpy() for n in VALUE_COLUMNS)
+    return ReferenceLogps(split, ids.astype(np.int64), chosen, rejected, chosen_public, rejected_public,
                           column("chosen_length").to_numpy(), column("rejected_length").to_numpy())
 
 
@@ -247,6 +249,9 @@ def reference_forward_count(ref_dir: Path) -> int:
 def check_made_from(ref_dir: Path, tokenized_fingerprint: str, weights_hash: str | None = None) -> None:
     """Refuse a reference artifact made from another tokenized artifact (or, given ``weights_hash``, scored
     with other weights), or one whose directory holds another artifact than its name says."""
+    if not (Path(ref_dir) / MANIFEST).is_file():
+        raise ArtifactError(f"no reference artifact for this config at {ref_dir}: run the reference stage first "
+                            f"(dpo-pipeline reference --config ...; `dpo-pipeline run` runs every stage)")
     manifest = read_manifest(ref_dir, kind=KIND, schema_version=SCHEMA_VERSION, verify_files=False)
     made_from = manifest["inputs"]["tokenized"]
     if made_from != tokenized_fingerprint:

@@ -34,9 +34,10 @@ from pipeline.distributed import (
     main_decides,
     on_gpu,
 )
-from pipeline.ds_config import load_ds_config, resolve_ds_config, zero_stage
+from pipeline.ds_config import model_hidden_size, resolve_ds_config, user_ds_config, zero_stage
 from pipeline.errors import ConfigError, DataError
 from pipeline.logprobs import collate_pairs, completion_logps
+from pipeline.models import code_kwargs, model_kwargs
 from pipeline.plan import Plan
 from pipeline.ranks import is_main_process, rank, world_size
 from pipeline.reference.cache import (
@@ -73,7 +74,8 @@ def reference_stage(config: DPOPipelineConfig, plan: Plan | None = None) -> Path
 
 def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, out_dir: Path,
                             splits: Sequence[str], model_dir: Path | None = None, engine=None,
-                            weights: str | None = None, example_ids: Mapping[str, Sequence[int]] | None = None,
+                            weights: str | None = None,
+                            example_ids: Mapping[str, Sequence[int] | np.ndarray] | None = None,
                             extra_inputs: Mapping | None = None, shard_size: int = 2048) -> Path:
     """Score ``splits`` of ``tokenized_dir`` (all examples, or the unique ``example_ids`` given per split) into
     ``out_dir``, with the model in ``model_dir`` (an inference engine loaded here), or with a live ``engine``
@@ -85,10 +87,14 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, o
     valid shards already there and computes the rest."""
     tokenized_dir, out_dir = Path(tokenized_dir), Path(out_dir)
     if engine is None:
+        if model_dir is None:
+            raise TypeError("compute_reference_logps: give model_dir, or a live engine and its weights")
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ConfigError(f"reference model directory not found: {model_dir}")
         weights = model_weights_hash(model_dir)
+    elif weights is None:
+        raise TypeError("compute_reference_logps: a live engine needs the weights that identify it")
     unknown = [split for split in splits if split not in SPLITS]
     if unknown or len(set(splits)) != len(splits):
         raise ConfigError(f"reference splits must be distinct names among {', '.join(SPLITS)}; got {list(splits)}")
@@ -107,8 +113,11 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, o
         log.warning("reference artifact %s is complete but unusable (%s): rebuilding it", out_dir, problem)
 
     tables = {split: _select(tokenized_dir, split, (example_ids or {}).get(split)) for split in splits}
-    vocab = (_model_vocab_size(model_dir) if engine is None
-             else int(engine.module.config.get_text_config().vocab_size))
+    if engine is None:
+        assert model_dir is not None  # checked above: without an engine, model_dir is required
+        vocab = _model_vocab_size(config, model_dir)
+    else:
+        vocab = int(engine.module.config.get_text_config().vocab_size)
     _check_vocabulary(tokenized_dir, tables, vocab)
     plan = plan_shards({split: table.column("example_id").to_numpy() for split, table in tables.items()}, shard_size)
 
@@ -129,6 +138,7 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, o
             _score_shards(engine, _reference_batch_size(config), tables, todo, out_dir, fp, pad_token_id=pad,
                           stats=stats)
         else:
+            assert model_dir is not None  # checked above: without an engine, model_dir is required
             loaded = _load_engine(config, model_dir)
             try:
                 _score_shards(loaded, int(loaded.train_micro_batch_size_per_gpu()), tables, todo, out_dir, fp,
@@ -155,7 +165,7 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, o
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _select(tokenized_dir: Path, split: str, ids: Sequence[int] | None) -> pa.Table:
+def _select(tokenized_dir: Path, split: str, ids: Sequence[int] | np.ndarray | None) -> pa.Table:
     """The split's rows in example_id order, restricted to ``ids`` when given (unique, all present)."""
     table = load_tokenized(tokenized_dir, split).select(["example_id", *_TOKEN_COLUMNS, "prompt_length",
                                                               "chosen_length", "rejected_length"])
@@ -174,11 +184,11 @@ def _select(tokenized_dir: Path, split: str, ids: Sequence[int] | None) -> pa.Ta
     return table.take(pa.array(np.searchsorted(all_ids, values)))
 
 
-def _model_vocab_size(model_dir: Path) -> int:
+def _model_vocab_size(config: DPOPipelineConfig, model_dir: Path) -> int:
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(model_dir)
+        model_config = AutoConfig.from_pretrained(model_dir, **code_kwargs(config))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the reference model config in {model_dir}: {exc}") from None
     return int(model_config.get_text_config().vocab_size)
@@ -224,10 +234,10 @@ def _inference_ds_config(config: DPOPipelineConfig, model_dir: Path) -> dict[str
     stage = config.reference_zero_stage
     if stage == "auto":
         stage = 0 if _fits_one_device(config, model_dir) else 3
-    configured = load_ds_config(config.resolve_path(config.deepspeed))
-    if stage == 3 and zero_stage(configured) != 3:
-        config = config.model_copy(update={"deepspeed": str(DEFAULT_DS_CONFIG)})
-    ds = resolve_ds_config(config, world=world_size(), gpu=on_gpu(), inference=True)
+    if stage == 3 and zero_stage(user_ds_config(config)) != 3:
+        config = config.model_copy(update={"deepspeed": str(DEFAULT_DS_CONFIG), "accelerate_config": None})
+    ds = resolve_ds_config(config, world=world_size(), gpu=on_gpu(), hidden_size=model_hidden_size(model_dir),
+                           inference=True)
     if stage == 0:
         # Replicated weights. (ZeRO-1/2 partition only optimizer state and gradients, which a forward pass does
         # not have, and DeepSpeed asserts an optimizer for them.)
@@ -276,7 +286,8 @@ def _load_engine(config: DPOPipelineConfig, model_dir: Path):
     # Alive during from_pretrained: transformers then loads each weight straight into its ZeRO-3 partition.
     zero3_loading = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                                                     **model_kwargs(config))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the reference model from {model_dir}: {exc}") from None
     engine, *_ = deepspeed.initialize(model=model, config=ds)

@@ -6,6 +6,7 @@ last) under ``<output_dir>/tokenized/<fingerprint[:16]>/``. The stage that write
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,17 @@ from pipeline.artifacts import (
 from pipeline.config import DPOPipelineConfig
 from pipeline.errors import ArtifactError
 from pipeline.models import resolve_model_dir
+from pipeline.tokenize.mixture import settings as mixture_settings
 from pipeline.tokenize.sources import SplitSource, resolve_sources
-from pipeline.tokenize.truncation import TRUNCATION_FIELDS
+from pipeline.tokenize.truncation import TRUNCATION_FIELDS, Truncation
 
 SCHEMA_VERSION = 1
 KIND = "tokenized"
 SPLIT_FILES = {"train": "train.parquet", "eval": "eval.parquet"}
 # The config fields the artifact depends on (the model through its tokenizer's files, the dataset through its
 # bytes): what :func:`tokenized_inputs` reads. Later artifacts see them through the tokenized fingerprint.
-TOKENIZE_FIELDS = frozenset({"model_name_or_path", "dataset_name", "dataset_train_split", "dataset_test_split",
-                             *TRUNCATION_FIELDS})
+TOKENIZE_FIELDS = frozenset({"model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split",
+                             "dataset_test_split", "dataset_mixture", "dataset_columns", *TRUNCATION_FIELDS})
 
 _IDS = pa.list_(pa.int32())
 SCHEMA = pa.schema([
@@ -52,10 +54,18 @@ SCHEMA = pa.schema([
 # ---------------------------------------------------------------------------------------------- fingerprint
 def tokenized_inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[str, SplitSource]) -> dict[str, Any]:
     """Every input of the tokenized artifact's fingerprint, in one place."""
+    # The dataset options enter only when set, so that a config without them keeps its fingerprint (and reuses
+    # its artifact). A mixture's datasets enter by content ("dataset"), its settings here.
+    options = {name: value for name, value in (
+        ("dataset_config", config.dataset_config), ("dataset_columns", config.dataset_columns or None),
+        ("dataset_mixture", config.dataset_mixture and mixture_settings(config.dataset_mixture)),
+    ) if value is not None}
     return {
+        **options,
         "dataset": {role: sources[role].content_hash() if role in sources else None for role in SPLIT_FILES},
         "tokenizer": tokenizer_hash(model_dir),
-        "truncation": config.subset(*TRUNCATION_FIELDS),
+        # The resolved rule, not the raw fields: an unset truncation_mode means what the YAML's TRL version meant.
+        "truncation": {**asdict(Truncation.from_config(config)), "rule": Truncation.from_config(config).rule},
         # The libraries that turn text into ids: an upgrade may tokenize or render templates differently.
         "libraries": {name: version(name) for name in ("tokenizers", "transformers")},
     }
@@ -73,7 +83,7 @@ def require_tokenized(artifact_dir: Path) -> None:
     """A stage that reads the tokenized artifact refuses to start without one, naming the command that makes it."""
     if not (Path(artifact_dir) / MANIFEST).is_file():
         raise ArtifactError(f"no tokenized artifact for this config at {artifact_dir}: run the tokenize stage first "
-                            f"(dpo-pipeline tokenize --config ...)")
+                            f"(dpo-pipeline tokenize --config ...; `dpo-pipeline run` runs every stage)")
 
 
 def tokenized_manifest(artifact_dir: Path, fingerprint: str | None = None, *, verify_files: bool = True) -> dict:

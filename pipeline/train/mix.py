@@ -138,7 +138,7 @@ class PeakRss:
         self.delta: int | None = None
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self._start = _proc_status_bytes("VmRSS")
+            self._start: int | None = _proc_status_bytes("VmRSS")
         except OSError:
             self._start = None
         return self
@@ -223,7 +223,8 @@ def _mix_file(source: _SafetensorsFile, policy_tensors: dict, target: Path, alph
                     mixed = ref.to(torch.float32).mul_(1.0 - alpha)
                     mixed.add_(policy_file.read(policy_tensor, start, stop).to(torch.float32), alpha=alpha)
                     ref = mixed.to(tensor.dtype)
-                out.write(ref.view(torch.uint8).numpy())
+                # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12.
+                out.write(ref.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -7,16 +7,17 @@
 One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
 
 1. **Checks before any step**, before the engine exists: the ds_config (``"auto"`` filled from the config,
-   conflicts refused by :func:`pipeline.distributed.resolve_ds_config`); the tokenized artifact; each reference
+   conflicts refused by :func:`pipeline.ds_config.resolve_ds_config`); the tokenized artifact; each reference
    artifact was made from exactly this tokenized artifact (and, for the default one, scored with the policy's
    initial weights), has no NaN/inf and no duplicate ids, and holds every example id the steps will read; a
    checkpoint to resume from was made with this config and world size, and every file still has the digest
    its marker recorded (else the one before it is used). Every rank checks it runs rank 0's config on rank 0's
    artifacts, and rank 0 decides what is complete and where to resume (:func:`pipeline.distributed.main_decides`).
 2. **Policy**: ``from_pretrained`` with every dropout probability set to 0 (loaded already partitioned under
-   ZeRO-3 through ``HfDeepSpeedConfig``), torch AdamW (no JIT compile; the ds_config's ``optimizer`` section
-   wins when present), transformers' warmup + linear/cosine/constant schedule as a LambdaLR stepped by
-   DeepSpeed. ZeRO 0-3, CPU offload, fp32 or bf16: whatever the ds_config says.
+   ZeRO-3 through ``HfDeepSpeedConfig``), the ``optim`` the HF Trainer would build (torch AdamW, fused or not,
+   SGD, Adagrad, RMSprop, Adafactor: no JIT compile) and transformers' ``lr_scheduler_type`` schedule as a
+   LambdaLR stepped by DeepSpeed; a ds_config ``optimizer`` / ``scheduler`` section wins, as in the HF Trainer.
+   ZeRO 0-3, CPU offload, fp32 or bf16: whatever the ds_config says.
 3. **Step**: the examples of each optimizer step come from :class:`pipeline.schedule.TrainingSchedule` (seeded,
    its own generator), so a resumed or differently sharded run reads the same global batches. Each micro-batch
    is one forward over chosen and rejected together through :func:`pipeline.logprobs.completion_logps`, the
@@ -58,6 +59,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # what AdamW(fused=True) checks
 from tqdm import tqdm
 
 from pipeline.artifacts import (
@@ -80,7 +82,7 @@ from pipeline.distributed import (
     main_decides,
     on_gpu,
 )
-from pipeline.ds_config import resolve_ds_config, zero_stage
+from pipeline.ds_config import model_hidden_size, num_warmup_steps, resolve_ds_config, zero_stage
 from pipeline.errors import ArtifactError, ConfigError, TrainingDiverged
 from pipeline.logprobs import PairBatch, collate_pairs, completion_logps, reference_pair_logps
 from pipeline.losses import LossState, PairLogps, compute_loss
@@ -93,11 +95,12 @@ from pipeline.metrics import (
     update_summary,
     write_plots,
 )
+from pipeline.models import code_kwargs, model_kwargs
 from pipeline.plan import TRAIN_KIND, TRAIN_SCHEMA_VERSION, Plan
 from pipeline.ranks import is_main_process, rank, world_size
 from pipeline.reference.cache import KIND as REFERENCE_KIND
 from pipeline.reference.cache import ReferenceLogps, check_made_from, load_reference_logps
-from pipeline.schedule import TrainingSchedule
+from pipeline.schedule import Cadence, TrainingSchedule
 from pipeline.tokenize.artifact import SPLIT_FILES, load_tokenized, require_tokenized, tokenized_manifest
 from pipeline.train.tr_dpo import TRDPOWindows
 
@@ -118,11 +121,18 @@ __all__ = ["KIND", "SCHEMA_VERSION", "DPOTrainingRecipe", "read_summary", "train
 class PreferencePairs:
     """One split of the tokenized artifact joined on ``example_id`` with its reference log-probs."""
 
-    def __init__(self, tokenized_dir: Path, split: str, ref: ReferenceLogps, pad_token_id: int):
+    def __init__(self, tokenized_dir: Path, split: str, ref: ReferenceLogps | None, pad_token_id: int):
         table = load_tokenized(tokenized_dir, split)  # example ids checked strictly increasing
         self.table = table.select(["example_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
         self.ids = table.column("example_id").to_numpy()
-        self.split, self.reference, self.pad_token_id = split, ref, pad_token_id
+        # None until TR-DPO's first window is scored (its windows bring their own reference log-probs).
+        self.reference: ReferenceLogps | None = ref
+        self.split, self.pad_token_id = split, pad_token_id
+
+    def _reference(self) -> ReferenceLogps:
+        if self.reference is None:
+            raise RuntimeError(f"the {self.split} reference log-probs are read before any were loaded")  # a bug
+        return self.reference
 
     def require(self, ids: np.ndarray, where: str) -> None:
         """Refuse ids absent from the tokenized split or from the reference log-probs (naming them)."""
@@ -130,11 +140,11 @@ class PreferencePairs:
         if missing.size:
             raise ArtifactError(f"{where}: example_ids {missing[:5].tolist()} are not in the tokenized {self.split} "
                                 f"split ({missing.size} missing)")
-        self.reference.take(np.unique(ids))
+        self._reference().take(np.unique(ids))
 
     def batch(self, ids: np.ndarray) -> tuple[PairBatch, PairLogps]:
         rows = self.table.take(np.searchsorted(self.ids, ids)).to_pylist()
-        reference = reference_pair_logps(self.reference.take(ids), device())
+        reference = reference_pair_logps(self._reference().take(ids), device())
         return collate_pairs(rows, self.pad_token_id).to(device()), reference
 
 
@@ -212,6 +222,26 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     return [g for g in groups if g["params"]]
 
 
+def client_optimizer(groups: list[dict[str, Any]], config: DPOPipelineConfig) -> torch.optim.Optimizer:
+    """The config's ``optim`` as the HF Trainer builds it (``get_optimizer_cls_and_kwargs``), on
+    :func:`weight_decay_groups`: every one takes ``learning_rate``; AdamW also ``adam_beta1/2`` and ``adam_epsilon``;
+    SGD, Adagrad and RMSprop keep torch's defaults for the rest (the Trainer sets momentum and the like only from
+    ``optim_args``, which has no equivalent here); Adafactor a fixed learning rate (no relative step, no parameter
+    scaling), so the schedule drives it as it drives the others."""
+    c = config
+    if c.optim in ("adamw_torch", "adamw_torch_fused"):
+        # fused: one kernel per parameter group instead of ~10 passes per tensor (3x faster steps on CPU).
+        fused = c.optim == "adamw_torch_fused" and device().type in _get_fused_kernels_supported_devices()
+        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
+                                 fused=fused or None)
+    if c.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=c.learning_rate, scale_parameter=False, relative_step=False)
+    optimizer = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[c.optim]
+    return optimizer(groups, lr=c.learning_rate)
+
+
 def _newest_intact_checkpoint(root: Path) -> tuple[int, Path] | None:
     """The newest checkpoint whose every file still has the digest its marker recorded. Collective.
 
@@ -266,13 +296,13 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_hf(module, state_dict, out: Path, tokenizer_dir: Path) -> None:
+def _save_hf(module, state_dict, out: Path, tokenizer_dir: Path, trust_remote_code: bool) -> None:
     """``save_pretrained`` into a staging dir renamed over ``out``: a reader never sees half a model."""
     from transformers import AutoTokenizer
 
     with atomic_dir(out) as staging:
         module.save_pretrained(staging, state_dict=state_dict)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+        AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(staging)
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -282,7 +312,6 @@ class DPOTrainingRecipe:
     def __init__(self, config: DPOPipelineConfig, plan: Plan, *, train_reference_dir: Path | None = None):
         self.config, self.plan, self.run_dir = config, plan, plan.train_dir
         self.world, self.rank = world_size(), rank()
-        self.ds_config = resolve_ds_config(config, world=self.world, gpu=on_gpu())
         self.spec = config.loss_spec()
         self.model_dir = plan.model_dir
         require_tokenized(plan.tokenized_dir)
@@ -299,9 +328,13 @@ class DPOTrainingRecipe:
                                         None if train_reference_dir else initial_weights)
         self.train = PreferencePairs(plan.tokenized_dir, "train", train_ref, pad)
         self.schedule = TrainingSchedule.from_config(config, self.train.ids, self.world)
+        self.ds_config = resolve_ds_config(config, world=self.world, gpu=on_gpu(),
+                                           hidden_size=model_hidden_size(self.model_dir),
+                                           num_training_steps=self.schedule.num_steps)
+        self.cadence = Cadence.of(config, self.schedule)
         self.tr_dpo = (TRDPOWindows(config, self.run_dir, self.model_dir, plan.tokenized_dir,
                                     plan.tokenized_fingerprint, self.schedule) if config.sync_ref_model else None)
-        self.eval = None
+        self.eval: PreferencePairs | None = None
         if SPLIT_FILES["eval"] in tokenized["files"]:
             eval_ref = _load_reference(self.reference_dirs["eval"], "eval", plan.tokenized_fingerprint, initial_weights)
             self.eval = PreferencePairs(plan.tokenized_dir, "eval", eval_ref, pad)
@@ -313,7 +346,7 @@ class DPOTrainingRecipe:
         if self.resume_from:
             self._check_resumable(self.resume_from[1])
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
-        self.engine = None
+        self.engine: Any = None  # the DeepSpeed engine, from setup() on
         self.step = self.resume_from[0] if self.resume_from else 0  # set again from the checkpoint on load
         self.last_eval_step: int | None = None
         self.loss_state = LossState(all_reduce_sum=_all_reduce_sum if self.world > 1 else None)
@@ -343,33 +376,35 @@ class DPOTrainingRecipe:
 
         init_distributed(self.config)
         torch.manual_seed(self.config.seed)
-        model_config = AutoConfig.from_pretrained(self.model_dir)
+        model_config = AutoConfig.from_pretrained(self.model_dir, **code_kwargs(self.config))
         for name, value in model_config.to_dict().items():
             if "dropout" in name and isinstance(value, float):
                 setattr(model_config, name, 0.0)  # functional dropout (e.g. Llama's attention) reads the config
         # Alive during from_pretrained: transformers then loads each weight straight into its ZeRO-3 partition.
         zero3_loading = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, config=model_config,
-                                                     dtype=torch.bfloat16 if self.config.bf16 else torch.float32)
+                                                     dtype=torch.bfloat16 if self.config.bf16 else torch.float32,
+                                                     **model_kwargs(self.config))
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if self.config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = self.config.gradient_checkpointing_kwargs
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False} if kwargs is None else kwargs)
         groups = weight_decay_groups(model, self.config.weight_decay)
-        optimizer = None
-        if "optimizer" not in self.ds_config:
-            c = self.config
-            # fused: one kernel per parameter group instead of ~10 passes per tensor (3x faster steps on CPU).
-            optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                          eps=c.adam_epsilon, fused=True)
+        # The ds_config's optimizer / scheduler sections win over optim / lr_scheduler_type, as in the HF Trainer.
+        optimizer = None if "optimizer" in self.ds_config else client_optimizer(groups, self.config)
         steps = self.schedule.num_steps
-        warmup = self.config.warmup_steps or math.ceil(self.config.warmup_ratio * steps)
+        if "scheduler" in self.ds_config:
+            log.info("the ds_config's %s scheduler sets the learning rate (lr_scheduler_type is not used)",
+                     self.ds_config["scheduler"]["type"])
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             config=self.ds_config,
-            lr_scheduler=lambda opt: get_scheduler(self.config.lr_scheduler_type, opt, num_warmup_steps=warmup,
-                                                   num_training_steps=steps))
+            lr_scheduler=None if "scheduler" in self.ds_config else lambda opt: get_scheduler(
+                self.config.lr_scheduler_type, opt, num_warmup_steps=num_warmup_steps(self.config, steps),
+                num_training_steps=steps, scheduler_specific_kwargs=self.config.lr_scheduler_kwargs))
         del zero3_loading
         if self.world == 1 and zero_stage(self.ds_config) == 0:
             # Nothing to reduce, but DeepSpeed would still copy every gradient into one flat buffer and back
@@ -432,16 +467,18 @@ class DPOTrainingRecipe:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Eval-split means; ranks take interleaved batches and make the same number of forwards."""
+        evaluation = self.eval
+        assert evaluation is not None, "evaluate() runs only when the tokenized artifact has an eval split"
         self.engine.eval()
         per_rank = self.config.per_device_eval_batch_size
-        ids = self.eval.ids
+        ids = evaluation.ids
         sums = MetricSums(self.engine.device)
         for start in range(0, len(ids), per_rank * self.world):
             mine = ids[start + self.rank * per_rank:start + (self.rank + 1) * per_rank]
             # Under ZeRO-3 a forward gathers parameters collectively: a rank out of examples scores a stand-in.
             state = LossState()  # a frozen copy of the BCO mean, local: ranks may hold different counts here
             state.load_state_dict(self.loss_state.state_dict())
-            _, metrics, n_tokens = self._forward_loss(mine if len(mine) else ids[:1], self.eval, state)
+            _, metrics, n_tokens = self._forward_loss(mine if len(mine) else ids[:1], evaluation, state)
             if len(mine):
                 sums.add(metrics, len(mine), n_tokens)
             else:
@@ -453,7 +490,9 @@ class DPOTrainingRecipe:
 
     def run(self, stop: int) -> None:
         """Optimizer steps from the current one up to ``stop`` (exclusive); a checkpoint there unless it is the end."""
-        c = self.config
+        cadence = self.cadence
+        if self.step == 0 and self.eval is not None and self.config.eval_on_start:
+            self._log(self.evaluate())
         bar = tqdm(total=self.schedule.num_steps, initial=self.step, desc="train", unit="step",
                    disable=not is_main_process(), dynamic_ncols=True)
         try:
@@ -466,11 +505,11 @@ class DPOTrainingRecipe:
                 self.step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
-                if self.step % c.logging_steps == 0 or self.step == self.schedule.num_steps:
+                if cadence.due(cadence.logging, self.step) or self.step == self.schedule.num_steps:
                     self._log(record)
-                if self.eval is not None and c.eval_steps and self.step % c.eval_steps == 0:
+                if self.eval is not None and cadence.due(cadence.eval, self.step):
                     self._log(self.evaluate())
-                if c.save_steps and self.step % c.save_steps == 0 and self.step < self.schedule.num_steps:
+                if cadence.due(cadence.save, self.step) and self.step < self.schedule.num_steps:
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -506,7 +545,7 @@ class DPOTrainingRecipe:
         with _checkpoint_storage(directory):
             self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False, client_state=client)
             if self.tr_dpo is not None:
-                self.tr_dpo.slices.save(directory)
+                self.tr_dpo.started_slices().save(directory)
             with atomic_path(directory / f"rng-rank{self.rank}.pt") as tmp:
                 torch.save(rng, tmp)
         barrier()
@@ -550,11 +589,11 @@ class DPOTrainingRecipe:
         else:
             state = self.engine.module.state_dict() if is_main_process() else None
         if is_main_process():  # the other ranks go on: whoever reads the model next is rank 0 or waits for it
-            _save_hf(self.engine.module, state, out, self.model_dir)
+            _save_hf(self.engine.module, state, out, self.model_dir, self.config.trust_remote_code)
 
     def finish(self) -> None:
         """Final eval (unless the last step just had one), final model, plots, summary, manifest (last)."""
-        if self.eval is not None and self.last_eval_step != self.step:
+        if self.eval is not None and self.cadence.final_eval and self.last_eval_step != self.step:
             self._log(self.evaluate())
         self.save_policy(self.run_dir / FINAL_MODEL)
         # Rank 0 alone writes and hashes the outputs; the others are done and need not wait in a collective.
@@ -568,6 +607,7 @@ class DPOTrainingRecipe:
         model_dir = self.run_dir / FINAL_MODEL
         summary = {
             "run_dir": str(self.run_dir),
+            "run_name": self.config.run_name or self.run_dir.name,
             "num_steps": self.schedule.num_steps,
             "global_batch_size": self.schedule.global_batch_size,
             "world_size": self.world,

@@ -251,17 +251,24 @@ class TRDPOWindows:
         self.fingerprints: dict[int, str] = {}
         self.digests: list[str] = []  # the current version's slice digest per rank
 
+    def started_slices(self) -> ReferenceSlices:
+        """The reference slices; :meth:`start` creates them, and every other method runs after it."""
+        assert self.slices is not None, "TRDPOWindows.start() runs first"
+        return self.slices
+
     # ------------------------------------------------------------------ versions
     def _v0_inputs(self) -> dict[str, Any]:
         return {"version": 0, "model_weights": model_weights_hash(self.model_dir)}
 
     def _commit_version(self, k: int, inputs: dict[str, Any], **timings: float) -> None:
-        digests = self.slices.digests()
+        slices = self.started_slices()
+        digests = slices.digests()
         fp = expected_fingerprint(VERSION_KIND, VERSION_SCHEMA, inputs)
         if is_main_process():
+            rounded: dict[str, Any] = {k_: round(v, 4) for k_, v in timings.items()}
             write_manifest(version_dir(self.run_dir, k), kind=VERSION_KIND, schema_version=VERSION_SCHEMA,
-                           inputs=inputs, files=[], slice_digests=digests, world_size=self.slices.world,
-                           zero3=self.slices.zero3, **{k_: round(v, 4) for k_, v in timings.items()})
+                           inputs=inputs, files=[], slice_digests=digests, world_size=slices.world,
+                           zero3=slices.zero3, **rounded)
         self.fingerprints[k], self.version, self.digests = fp, k, digests
 
     def _read_version(self, k: int) -> dict[str, Any]:
@@ -287,7 +294,9 @@ class TRDPOWindows:
             self.slices.load(resumed, manifest["slice_digests"])
             self.fingerprints = {v: state["chain"][str(v)] for v in range(state["version"] + 1)}
             self.version, self.digests = state["version"], manifest["slice_digests"]
-        return self.before_step(step)
+        logps = self.before_step(step)
+        assert logps is not None, "no window is loaded before start, so before_step loads one"
+        return logps
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint records about the reference (its slices are saved beside it)."""
@@ -303,15 +312,15 @@ class TRDPOWindows:
             return None
         if k > self.version:
             started = time.perf_counter()
-            policy_digests = self.slices.policy_digests()
-            self.slices.mix(self.config.ref_model_mixup_alpha)
+            policy_digests = self.started_slices().policy_digests()
+            self.started_slices().mix(self.config.ref_model_mixup_alpha)
             mixed = time.perf_counter()
             inputs = {"version": k, "previous": self.fingerprints[k - 1], "policy_step": step,
                       "policy_digest": hashlib.sha256("".join(policy_digests).encode()).hexdigest(),
                       "alpha": self.config.ref_model_mixup_alpha}
             self._commit_version(k, inputs, mix_seconds=mixed - started)
             if self.config.save_reference_versions:
-                self.slices.export(version_dir(self.run_dir, k), self.model_dir)
+                self.started_slices().export(version_dir(self.run_dir, k), self.model_dir)
         started = time.perf_counter()
         out = self._score_window(k)
         if is_main_process():
@@ -328,8 +337,9 @@ class TRDPOWindows:
 
     def _score_window(self, k: int) -> Path:
         """Window k's examples scored with version k, in this engine (kept if already committed)."""
-        engine = self.slices.engine
-        swapped = self.slices.swap_in()
+        slices = self.started_slices()
+        engine = slices.engine
+        swapped = slices.swap_in()
         engine.eval()
         try:
             return compute_reference_logps(
@@ -338,7 +348,7 @@ class TRDPOWindows:
                 example_ids={"train": self.plan.example_ids(k)}, extra_inputs=self._extra(k))
         finally:
             engine.train()
-            self.slices.swap_out(swapped)
+            slices.swap_out(swapped)
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> dict[str, Any]:
@@ -356,4 +366,4 @@ class TRDPOWindows:
                            "score_seconds": [reference_counts(window_dir(self.run_dir, k))["seconds"]
                                              for k in windows],
                            "reference_slice_bytes_per_rank": sum(s.numel() * s.element_size()
-                                                                 for s in self.slices.slices)}}
+                                                                 for s in self.started_slices().slices)}}
