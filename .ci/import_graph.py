@@ -36,8 +36,7 @@ def imports(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module in modules:
                 found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names
-                      if f"{node.module}.{alias.name}" in modules}
+            found |= {f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules}
     return found - {module_name(path)}
 
 
@@ -64,8 +63,12 @@ def main() -> int:
     modules = {module_name(p) for p in files} | set(PACKAGES)
     graph = {module_name(p): imports(p, modules) - set(PACKAGES) for p in files}
     problems = [f"circle: {' -> '.join(c)}" for c in cycles(graph)]
-    problems += [f"upward import: {a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
-                 for a, targets in sorted(graph.items()) for b in sorted(targets) if layer(b) > layer(a)]
+    problems += [
+        f"upward import: {a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if layer(b) > layer(a)
+    ]
     for problem in problems:
         print(problem)
     print(f"import graph: {len(graph)} modules, {sum(map(len, graph.values()))} imports, {len(problems)} problems")

@@ -54,9 +54,15 @@ def build_models(work: Path, *, layers: int, hidden: int, vocab: int) -> tuple[P
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                         num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=8,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(work / "reference")
@@ -68,8 +74,12 @@ def build_models(work: Path, *, layers: int, hidden: int, vocab: int) -> tuple[P
 
 
 def measure(script: str, reference: Path, policy: Path, out: Path, alpha: float) -> dict:
-    done = subprocess.run([sys.executable, "-c", script, str(reference), str(policy), str(out), str(alpha)],
-                          check=True, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(reference), str(policy), str(out), str(alpha)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -90,8 +100,10 @@ def main() -> None:
     for mode, script in modes:
         stats = measure(script, reference, policy, work / f"out-{mode.split()[0]}", args.alpha)
         peak = stats["peak_rss_delta_bytes"]
-        print(f"| {mode} | {model_bytes / 2**20:.0f} | {peak / 2**20:.0f} | {peak / model_bytes:.2f} | "
-              f"{stats['seconds']:.1f} |")
+        print(
+            f"| {mode} | {model_bytes / 2**20:.0f} | {peak / 2**20:.0f} | {peak / model_bytes:.2f} | "
+            f"{stats['seconds']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

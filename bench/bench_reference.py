@@ -50,9 +50,19 @@ def build_model(model_dir: Path, *, hidden: int, layers: int, vocab: int) -> int
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
-                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(model_dir)
@@ -71,8 +81,9 @@ def build_tokenized(out: Path, *, pairs: int, vocab: int, seed: int = 0) -> Path
     def ids(low: int, high: int) -> list[int]:
         return rng.integers(2, vocab, size=int(rng.integers(low, high + 1))).tolist()
 
-    rows = [{"prompt": ids(16, 128), "chosen": ids(15, 191) + [EOS], "rejected": ids(15, 191) + [EOS]}
-            for _ in range(pairs)]
+    rows = [
+        {"prompt": ids(16, 128), "chosen": ids(15, 191) + [EOS], "rejected": ids(15, 191) + [EOS]} for _ in range(pairs)
+    ]
     columns = {"example_id": list(range(pairs))}
     for name in ("prompt", "chosen", "rejected"):
         columns[f"{name}_input_ids"] = [r[name] for r in rows]
@@ -81,9 +92,17 @@ def build_tokenized(out: Path, *, pairs: int, vocab: int, seed: int = 0) -> Path
     for name in ("prompt", "chosen", "rejected"):
         columns[f"{name}_truncated"] = [False] * pairs
     write_parquet(pa.table(columns, schema=data.SCHEMA), out / "train.parquet")
-    write_manifest(out, kind=data.KIND, schema_version=data.SCHEMA_VERSION,
-                   inputs={"generated": {"pairs": pairs, "vocab": vocab, "seed": seed}}, files=["train.parquet"],
-                   pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, vocab_size=vocab)
+    write_manifest(
+        out,
+        kind=data.KIND,
+        schema_version=data.SCHEMA_VERSION,
+        inputs={"generated": {"pairs": pairs, "vocab": vocab, "seed": seed}},
+        files=["train.parquet"],
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+        vocab_size=vocab,
+    )
     return out
 
 
@@ -94,7 +113,7 @@ def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _timed(fn) -> float:
@@ -141,8 +160,16 @@ def run_ours(work: Path, batch_size: int, stage0: bool) -> dict:
     overrides = {"precompute_ref_batch_size": batch_size, "output_dir": str(work / "unused")}
     if stage0:
         ds = work / "ds_stage0.json"
-        ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": "auto"},
-                                  "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}))
+        ds.write_text(
+            json.dumps(
+                {
+                    "train_micro_batch_size_per_gpu": "auto",
+                    "bf16": {"enabled": "auto"},
+                    "zero_optimization": {"stage": 0},
+                    "steps_per_print": 10**9,
+                }
+            )
+        )
         overrides["deepspeed"] = str(ds)
     config = load_config(None, overrides)
     loaded = {}
@@ -156,12 +183,24 @@ def run_ours(work: Path, batch_size: int, stage0: bool) -> dict:
     ref._load_engine = load_and_measure
     out = Path(tempfile.mkdtemp(dir=work, prefix="ours-"))
     with PeakRss() as peak:
-        ref.compute_reference_logps(config, tokenized_dir=work / "tokenized", model_dir=work / "model", out_dir=out,
-                                    splits=["train"], shard_size=10 ** 9)
+        ref.compute_reference_logps(
+            config,
+            tokenized_dir=work / "tokenized",
+            model_dir=work / "model",
+            out_dir=out,
+            splits=["train"],
+            shard_size=10**9,
+        )
     counts = read_manifest(out, kind=cache.KIND)["counts"]
     logps = cache.load_reference_logps(out, split="train")
-    return {"seconds": counts["seconds"], "tokens": counts["tokens"], "rss_loaded": loaded["rss"],
-            "peak_rss": peak.peak, "chosen": logps.chosen.tolist(), "rejected": logps.rejected.tolist()}
+    return {
+        "seconds": counts["seconds"],
+        "tokens": counts["tokens"],
+        "rss_loaded": loaded["rss"],
+        "peak_rss": peak.peak,
+        "chosen": logps.chosen.tolist(),
+        "rejected": logps.rejected.tolist(),
+    }
 
 
 def _rows(work: Path) -> list[dict]:
@@ -183,9 +222,13 @@ def run_naive(work: Path, batch_size: int) -> dict:
     with PeakRss() as peak, torch.no_grad():
         start = time.perf_counter()
         for begin in range(0, len(rows), batch_size):
-            batch = collate_pairs(rows[begin:begin + batch_size], PAD)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False).logits
+            batch = collate_pairs(rows[begin : begin + batch_size], PAD)
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
             logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # the full [2B, T, V] float32 tensor
             labels = batch.input_ids[:, 1:]
             per_token = logps.gather(-1, labels[..., None]).squeeze(-1)
@@ -193,12 +236,18 @@ def run_naive(work: Path, batch_size: int) -> dict:
             width = labels.shape[1]
             in_completion = torch.arange(width)[None, :] >= width - batch.completion_lengths[:, None]
             sums = torch.where(in_completion, per_token, 0.0).sum(-1)
-            chosen += sums[:batch.num_pairs].tolist()
-            rejected += sums[batch.num_pairs:].tolist()
+            chosen += sums[: batch.num_pairs].tolist()
+            rejected += sums[batch.num_pairs :].tolist()
             tokens += batch.num_tokens
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": tokens, "rss_loaded": rss_loaded, "peak_rss": peak.peak,
-            "chosen": chosen, "rejected": rejected}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "rss_loaded": rss_loaded,
+        "peak_rss": peak.peak,
+        "chosen": chosen,
+        "rejected": rejected,
+    }
 
 
 def run_trl(work: Path, batch_size: int) -> dict:
@@ -211,35 +260,56 @@ def run_trl(work: Path, batch_size: int) -> dict:
     rows = _rows(work)
     # TRL's collator pads with the tokenizer's pad id; a word-level tokenizer is enough (the data are ids already).
     vocab = {"<pad>": PAD, "</s>": EOS, "a": 2}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")),
-                                        pad_token="<pad>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="a")), pad_token="<pad>", eos_token="</s>"
+    )
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-    args = DPOConfig(output_dir=str(work / "trl-out"), per_device_train_batch_size=batch_size,
-                     precompute_ref_batch_size=batch_size, report_to="none", use_cpu=True, bf16=False,
-                     max_length=None, dataset_num_proc=None, disable_tqdm=True)
+    args = DPOConfig(
+        output_dir=str(work / "trl-out"),
+        per_device_train_batch_size=batch_size,
+        precompute_ref_batch_size=batch_size,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_length=None,
+        dataset_num_proc=None,
+        disable_tqdm=True,
+    )
     placeholder = datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["a"], "rejected": ["a a"]})
     trainer = DPOTrainer(model=model, args=args, train_dataset=placeholder, processing_class=tokenizer)
     from trl.trainer.utils import hash_module
 
     trainer._precompute_model_hash = hash_module(trainer.model)  # what __init__ does with precompute_ref_log_probs
-    dataset = datasets.Dataset.from_dict({"prompt_ids": [r["prompt_input_ids"] for r in rows],
-                                          "chosen_ids": [r["chosen_input_ids"] for r in rows],
-                                          "rejected_ids": [r["rejected_input_ids"] for r in rows]})
+    dataset = datasets.Dataset.from_dict(
+        {
+            "prompt_ids": [r["prompt_input_ids"] for r in rows],
+            "chosen_ids": [r["chosen_input_ids"] for r in rows],
+            "rejected_ids": [r["rejected_input_ids"] for r in rows],
+        }
+    )
     rss_loaded = _rss()
     with PeakRss() as peak:
         start = time.perf_counter()
         scored = trainer._precompute_ref_logps(dataset, "bench", batch_size)
         seconds = time.perf_counter() - start
     tokens = sum(2 * r["prompt_length"] + r["chosen_length"] + r["rejected_length"] for r in rows)
-    return {"seconds": seconds, "tokens": tokens, "rss_loaded": rss_loaded, "peak_rss": peak.peak,
-            "chosen": [float(x) for x in scored["ref_chosen_logps"]],
-            "rejected": [float(x) for x in scored["ref_rejected_logps"]]}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "rss_loaded": rss_loaded,
+        "peak_rss": peak.peak,
+        "chosen": [float(x) for x in scored["ref_chosen_logps"]],
+        "rejected": [float(x) for x in scored["ref_rejected_logps"]],
+    }
 
 
 def run_side(side: str, work: Path, batch_size: int) -> dict:
-    runner = {"ours": lambda: run_ours(work, batch_size, stage0=False),
-              "ours-stage0": lambda: run_ours(work, batch_size, stage0=True),
-              "naive": lambda: run_naive(work, batch_size), "trl": lambda: run_trl(work, batch_size)}[side]
+    runner = {
+        "ours": lambda: run_ours(work, batch_size, stage0=False),
+        "ours-stage0": lambda: run_ours(work, batch_size, stage0=True),
+        "naive": lambda: run_naive(work, batch_size),
+        "trl": lambda: run_trl(work, batch_size),
+    }[side]
     result = runner()
     result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
@@ -255,7 +325,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every side, interleaved")
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)   # child mode
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -270,17 +340,32 @@ def main() -> None:
         matmul_params = params - args.vocab * args.hidden  # the input embedding is a lookup
         build_tokenized(work / "tokenized", pairs=args.pairs, vocab=args.vocab)
         peak_flops = matmul_flops()
-        print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {params / 1e6:.1f}M "
-              f"params ({matmul_params / 1e6:.1f}M in matmuls); {args.pairs} pairs, batch {args.batch_size}; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-              f"fp32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s", flush=True)
+        print(
+            f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {params / 1e6:.1f}M "
+            f"params ({matmul_params / 1e6:.1f}M in matmuls); {args.pairs} pairs, batch {args.batch_size}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+            f"fp32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s",
+            flush=True,
+        )
         runs: dict[str, list[dict]] = {side: [] for side in args.sides}
         for round_ in range(args.rounds):
             for side in args.sides:
-                command = [sys.executable, __file__, "--side", side, "--work", str(work),
-                           "--batch-size", str(args.batch_size)]
-                proc = subprocess.run(command, capture_output=True, text=True,
-                                      env=dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu"))
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--side",
+                    side,
+                    "--work",
+                    str(work),
+                    "--batch-size",
+                    str(args.batch_size),
+                ]
+                proc = subprocess.run(
+                    command,
+                    capture_output=True,
+                    text=True,
+                    env=dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu"),
+                )
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     sys.exit(f"side {side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -295,8 +380,10 @@ def report(runs: dict[str, list[dict]], matmul_params: int, peak_flops: float) -
     reference = runs.get("ours", next(iter(runs.values())))[0]
     best = {side: max(r["tokens"] / r["seconds"] for r in results) for side, results in runs.items()}
     base = best.get("ours")
-    print(f"\n{'side':12s} {'tok/s best':>10s} {'median':>8s} {'ours/side':>9s} {'peak RSS':>9s} {'pass rise':>9s} "
-          f"{'ours rise/side':>14s} {'GFLOP/s':>8s} {'% matmul':>8s} {'max |Δ| vs ours':>15s}")
+    print(
+        f"\n{'side':12s} {'tok/s best':>10s} {'median':>8s} {'ours/side':>9s} {'peak RSS':>9s} {'pass rise':>9s} "
+        f"{'ours rise/side':>14s} {'GFLOP/s':>8s} {'% matmul':>8s} {'max |Δ| vs ours':>15s}"
+    )
     rise_ours = min(r["peak_rss"] - r["rss_loaded"] for r in runs["ours"]) if "ours" in runs else None
     for side, results in runs.items():
         median = statistics.median(r["tokens"] / r["seconds"] for r in results)
@@ -304,12 +391,16 @@ def report(runs: dict[str, list[dict]], matmul_params: int, peak_flops: float) -
         peak = min(r["max_rss"] for r in results)
         flops = 2 * matmul_params * best[side]
         diff = max(np.abs(np.asarray(results[0][k]) - np.asarray(reference[k])).max() for k in ("chosen", "rejected"))
-        print(f"{side:12s} {best[side]:10.0f} {median:8.0f} {base / best[side] if base else float('nan'):9.2f} "
-              f"{peak / mib:8.0f}M {rise / mib:8.0f}M "
-              f"{rise_ours / rise if rise_ours is not None and rise > 0 else float('nan'):14.2f} "
-              f"{flops / 1e9:8.1f} {100 * flops / peak_flops:7.1f}% {diff:15.2e}")
-    print("\nours/side: our tokens/s over the side's (>1: ours faster). pass rise: peak RSS during the pass minus "
-          "RSS with the model loaded; ours rise/side < 1: ours uses less. Peak RSS: whole process, min over rounds.")
+        print(
+            f"{side:12s} {best[side]:10.0f} {median:8.0f} {base / best[side] if base else float('nan'):9.2f} "
+            f"{peak / mib:8.0f}M {rise / mib:8.0f}M "
+            f"{rise_ours / rise if rise_ours is not None and rise > 0 else float('nan'):14.2f} "
+            f"{flops / 1e9:8.1f} {100 * flops / peak_flops:7.1f}% {diff:15.2e}"
+        )
+    print(
+        "\nours/side: our tokens/s over the side's (>1: ours faster). pass rise: peak RSS during the pass minus "
+        "RSS with the model loaded; ours rise/side < 1: ours uses less. Peak RSS: whole process, min over rounds."
+    )
 
 
 if __name__ == "__main__":

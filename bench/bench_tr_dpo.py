@@ -39,27 +39,39 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 RUN_STEPS, RUN_TAU = 60, 6
 MEMORY_STEPS, MEMORY_TAU = 12, 6
-MIX_SIZES = {"tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2),
-             "25m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8),
-             "134m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)}
+MIX_SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2),
+    "25m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8),
+    "134m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30),
+}
 
 
 # ------------------------------------------------------------------------------------------------ run
 def run_side(work: Path, side: str, round_: int) -> dict:
     out = work / f"run-{side}-{round_}"
-    overrides = [f"output_dir={out}", f"max_steps={RUN_STEPS}", f"ref_model_sync_steps={RUN_TAU}",
-                 f"sync_ref_model={'true' if side == 'tr-dpo' else 'false'}", "eval_steps=30", "save_steps=30"]
-    command = [str(Path(sys.executable).parent / "dpo-pipeline"), "run", "--config", "configs/default.yaml",
-               *overrides]
+    overrides = [
+        f"output_dir={out}",
+        f"max_steps={RUN_STEPS}",
+        f"ref_model_sync_steps={RUN_TAU}",
+        f"sync_ref_model={'true' if side == 'tr-dpo' else 'false'}",
+        "eval_steps=30",
+        "save_steps=30",
+    ]
+    command = [str(Path(sys.executable).parent / "dpo-pipeline"), "run", "--config", "configs/default.yaml", *overrides]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{side}: dpo-pipeline run failed\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     summary = json.loads(next(out.glob("train/*/summary.json")).read_text())
-    return {"wall": wall, "stage": summary["stage_seconds"], "tr_dpo": summary.get("tr_dpo"),
-            "accuracy": summary["eval_reward_accuracy"]}
+    return {
+        "wall": wall,
+        "stage": summary["stage_seconds"],
+        "tr_dpo": summary.get("tr_dpo"),
+        "accuracy": summary["eval_reward_accuracy"],
+    }
 
 
 def part_run(work: Path, rounds: int) -> dict:
@@ -68,18 +80,24 @@ def part_run(work: Path, rounds: int) -> dict:
         for side in ("plain", "tr-dpo") if round_ % 2 == 0 else ("tr-dpo", "plain"):
             results[side].append(run_side(work, side, round_))
             print(f"  run {side} round {round_}: {results[side][-1]['wall']:.1f} s", flush=True)
-    med = {side: {key: statistics.median(r[key] for r in runs) for key in ("wall", "stage")}
-           for side, runs in results.items()}
+    med = {
+        side: {key: statistics.median(r[key] for r in runs) for key in ("wall", "stage")}
+        for side, runs in results.items()
+    }
     tr = results["tr-dpo"][-1]["tr_dpo"]
     syncs = len(tr["windows"]) - 1
     mix = statistics.fmean(tr["mix_seconds"])
     score = statistics.fmean(tr["score_seconds"][1:])
     marginal = (med["tr-dpo"]["stage"] - med["plain"]["stage"]) / syncs
-    return {"wall": med, "ratio": med["tr-dpo"]["wall"] / med["plain"]["wall"], "syncs": syncs,
-            "stage_ratio": med["tr-dpo"]["stage"] / med["plain"]["stage"],
-            "per_sync": {"marginal": marginal, "mix": mix, "score": score, "rest": marginal - mix - score},
-            "window0_score": tr["score_seconds"][0],
-            "accuracy": {side: [r["accuracy"] for r in runs] for side, runs in results.items()}}
+    return {
+        "wall": med,
+        "ratio": med["tr-dpo"]["wall"] / med["plain"]["wall"],
+        "syncs": syncs,
+        "stage_ratio": med["tr-dpo"]["stage"] / med["plain"]["stage"],
+        "per_sync": {"marginal": marginal, "mix": mix, "score": score, "rest": marginal - mix - score},
+        "window0_score": tr["score_seconds"][0],
+        "accuracy": {side: [r["accuracy"] for r in runs] for side, runs in results.items()},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -118,12 +136,25 @@ def memory_child(work: Path, side: str) -> dict:
     from pipeline.train.stage import DPOTrainingRecipe, train_stage
 
     torch.set_num_threads(2)
-    config = load_config(None, {
-        "model_name_or_path": str(work / "model-134m"), "dataset_name": str(work / "data"),
-        "dataset_test_split": None, "output_dir": str(work / f"memory-{side}"), "max_length": None,
-        "max_prompt_length": None, "max_completion_length": None, "per_device_train_batch_size": 2,
-        "precompute_ref_batch_size": 8, "learning_rate": 1e-6, "max_steps": MEMORY_STEPS,
-        "sync_ref_model": side == "tr-dpo", "ref_model_sync_steps": MEMORY_TAU, "deepspeed": None})
+    config = load_config(
+        None,
+        {
+            "model_name_or_path": str(work / "model-134m"),
+            "dataset_name": str(work / "data"),
+            "dataset_test_split": None,
+            "output_dir": str(work / f"memory-{side}"),
+            "max_length": None,
+            "max_prompt_length": None,
+            "max_completion_length": None,
+            "per_device_train_batch_size": 2,
+            "precompute_ref_batch_size": 8,
+            "learning_rate": 1e-6,
+            "max_steps": MEMORY_STEPS,
+            "sync_ref_model": side == "tr-dpo",
+            "ref_model_sync_steps": MEMORY_TAU,
+            "deepspeed": None,
+        },
+    )
     tokenize_stage(config)
     reference_stage(config)
     peaks = PhasePeaks()
@@ -156,12 +187,15 @@ def part_memory(work: Path) -> dict:
 
     if not (work / "model-134m").is_dir():
         bench_train.build_model(work / "model-134m", "134m")
-        bench_train.write_dataset(work / "data", work / "model-134m", pairs=64, prompt_tokens=96,
-                                  completion_tokens=64)
+        bench_train.write_dataset(work / "data", work / "model-134m", pairs=64, prompt_tokens=96, completion_tokens=64)
     out = {}
     for side in ("plain", "tr-dpo"):
-        done = subprocess.run([sys.executable, __file__, "--memory-child", side, "--work", str(work)], cwd=REPO_ROOT,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--memory-child", side, "--work", str(work)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise SystemExit(f"memory {side} failed\n{done.stderr[-3000:]}")
         out[side] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -188,8 +222,14 @@ def part_mix() -> dict:
     torch.set_num_threads(2)
     out = {}
     for name, shape in MIX_SIZES.items():
-        model = LlamaForCausalLM(LlamaConfig(**shape, num_attention_heads=8 if shape["hidden_size"] > 64 else 4,
-                                             num_key_value_heads=2, vocab_size=49152 if name != "tiny" else 512))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                **shape,
+                num_attention_heads=8 if shape["hidden_size"] > 64 else 4,
+                num_key_value_heads=2,
+                vocab_size=49152 if name != "tiny" else 512,
+            )
+        )
         slices = ReferenceSlices(_Engine(model), zero3=False, on_device=False)
         seconds = []
         for _ in range(5):
@@ -197,8 +237,11 @@ def part_mix() -> dict:
             slices.mix(0.6)
             seconds.append(time.perf_counter() - started)
         parameters = sum(p.numel() for p in model.parameters())
-        out[name] = {"parameters": parameters, "seconds": statistics.median(seconds),
-                     "gb_per_s": parameters * 4 * 3 / statistics.median(seconds) / 1e9}  # read 2, write 1
+        out[name] = {
+            "parameters": parameters,
+            "seconds": statistics.median(seconds),
+            "gb_per_s": parameters * 4 * 3 / statistics.median(seconds) / 1e9,
+        }  # read 2, write 1
         print(f"  mix {name}: {out[name]}", flush=True)
     return out
 

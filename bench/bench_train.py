@@ -49,10 +49,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("ours", "trl-resident", "trl-precompute")
 # Each case: label -> (side, configuration case), the first label being ours.
 CASES = {
-    "fp32": {"ours": ("ours", "fp32"), "trl-resident": ("trl-resident", "fp32"),
-             "trl-precompute": ("trl-precompute", "fp32")},
-    "bf16": {"ours": ("ours", "bf16"), "trl-resident": ("trl-resident", "bf16"),
-             "trl-precompute": ("trl-precompute", "bf16")},
+    "fp32": {
+        "ours": ("ours", "fp32"),
+        "trl-resident": ("trl-resident", "fp32"),
+        "trl-precompute": ("trl-precompute", "fp32"),
+    },
+    "bf16": {
+        "ours": ("ours", "bf16"),
+        "trl-resident": ("trl-resident", "bf16"),
+        "trl-precompute": ("trl-precompute", "bf16"),
+    },
     "zero3x2": {"ours ZeRO-3 x2 (per rank)": ("ours", "zero3x2"), "ours stage 0 x1": ("ours", "fp32")},
 }
 # Model-state bytes per parameter (per process) of each label, for the theoretical ratios.
@@ -69,10 +75,24 @@ STATE_BYTES = {
 }
 PRESETS = {
     # SmolLM-135M's shape: 134.5M parameters with tied embeddings.
-    "134m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+    "134m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -85,8 +105,13 @@ def build_model(model_dir: Path, preset: str) -> int:
     from pipeline.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(**PRESETS[preset], max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **PRESETS[preset],
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(model_dir)
@@ -101,8 +126,14 @@ def write_dataset(data_dir: Path, model_dir: Path, *, pairs: int, prompt_tokens:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    words = sorted({w for line in (REPO_ROOT / "data" / "preference" / "train.jsonl").read_text().splitlines()
-                    for text in json.loads(line).values() for w in text.split()})
+    words = sorted(
+        {
+            w
+            for line in (REPO_ROOT / "data" / "preference" / "train.jsonl").read_text().splitlines()
+            for text in json.loads(line).values()
+            for w in text.split()
+        }
+    )
     rng = random.Random(0)
 
     def text(tokens: int, *, leading_space: bool) -> str:
@@ -116,24 +147,41 @@ def write_dataset(data_dir: Path, model_dir: Path, *, pairs: int, prompt_tokens:
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "train.jsonl", "w") as handle:
         for _ in range(pairs):
-            row = {"prompt": text(prompt_tokens - 1, leading_space=False),  # + BOS
-                   "chosen": text(completion_tokens - 1, leading_space=True),  # + EOS
-                   "rejected": text(completion_tokens - 1, leading_space=True)}
+            row = {
+                "prompt": text(prompt_tokens - 1, leading_space=False),  # + BOS
+                "chosen": text(completion_tokens - 1, leading_space=True),  # + EOS
+                "rejected": text(completion_tokens - 1, leading_space=True),
+            }
             handle.write(json.dumps(row) + "\n")
 
 
 def our_config(work: Path, case: str, steps: int, zero3_config: str = str(REPO_ROOT / "configs" / "ds_zero3.json")):
     from pipeline.config import load_config
 
-    return load_config(None, {
-        "model_name_or_path": str(work / "model"), "dataset_name": str(work / "data"), "dataset_test_split": None,
-        "output_dir": str(work / f"ours-{case}"), "max_length": None, "max_prompt_length": None,
-        "max_completion_length": None, "per_device_train_batch_size": 2, "precompute_ref_batch_size": 8,
-        "learning_rate": 1e-6, "beta": 0.1, "loss_type": "sigmoid", "max_steps": steps, "lr_scheduler_type": "linear",
-        "max_grad_norm": 1.0, "bf16": case == "bf16", "logging_steps": 1,
-        "deepspeed": zero3_config if case == "zero3x2" else None,
-        "num_processes": 2 if case == "zero3x2" else 1,
-    })
+    return load_config(
+        None,
+        {
+            "model_name_or_path": str(work / "model"),
+            "dataset_name": str(work / "data"),
+            "dataset_test_split": None,
+            "output_dir": str(work / f"ours-{case}"),
+            "max_length": None,
+            "max_prompt_length": None,
+            "max_completion_length": None,
+            "per_device_train_batch_size": 2,
+            "precompute_ref_batch_size": 8,
+            "learning_rate": 1e-6,
+            "beta": 0.1,
+            "loss_type": "sigmoid",
+            "max_steps": steps,
+            "lr_scheduler_type": "linear",
+            "max_grad_norm": 1.0,
+            "bf16": case == "bf16",
+            "logging_steps": 1,
+            "deepspeed": zero3_config if case == "zero3x2" else None,
+            "num_processes": 2 if case == "zero3x2" else 1,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sides (children)
@@ -164,8 +212,13 @@ def run_ours(work: Path, case: str, steps: int, zero3_config: str) -> dict:
     run = train_stage(config)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     peaks = all_gather_objects(peak_rss())
-    return {"step_seconds": [r["step_seconds"] for r in rows if "loss" in r], "cpu_seconds": cpu_seconds,
-            "peak_rss": max(peaks), "first_loss": rows[0]["loss"], "main": is_main_process()}
+    return {
+        "step_seconds": [r["step_seconds"] for r in rows if "loss" in r],
+        "cpu_seconds": cpu_seconds,
+        "peak_rss": max(peaks),
+        "first_loss": rows[0]["loss"],
+        "main": is_main_process(),
+    }
 
 
 def run_trl(work: Path, case: str, steps: int, *, precompute: bool) -> dict:
@@ -185,19 +238,45 @@ def run_trl(work: Path, case: str, steps: int, *, precompute: bool) -> dict:
             self.cpu_seconds.append(time.process_time() - self.start[1])
 
     args = DPOConfig(
-        output_dir=str(work / f"trl-{case}-{precompute}"), per_device_train_batch_size=2, max_steps=steps,
-        learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], lr_scheduler_type="linear", max_grad_norm=1.0,
-        precompute_ref_log_probs=precompute, precompute_ref_batch_size=8, bf16=case == "bf16",
-        gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-        max_length=None, disable_dropout=True, dataloader_num_workers=0, seed=42)
+        output_dir=str(work / f"trl-{case}-{precompute}"),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=1e-6,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=8,
+        bf16=case == "bf16",
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        max_length=None,
+        disable_dropout=True,
+        dataloader_num_workers=0,
+        seed=42,
+    )
     dataset = datasets.load_dataset("json", data_files=str(work / "data" / "train.jsonl"), split="train")
     timer = StepTimer()
-    trainer = DPOTrainer(model=str(work / "model"), args=args, train_dataset=dataset,
-                         processing_class=AutoTokenizer.from_pretrained(work / "model"), callbacks=[timer])
+    trainer = DPOTrainer(
+        model=str(work / "model"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(work / "model"),
+        callbacks=[timer],
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"step_seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "peak_rss": peak_rss(),
-            "first_loss": losses[0], "main": True}
+    return {
+        "step_seconds": timer.seconds,
+        "cpu_seconds": timer.cpu_seconds,
+        "peak_rss": peak_rss(),
+        "first_loss": losses[0],
+        "main": True,
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -224,15 +303,42 @@ def child(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ orchestration
 def run_side(work: Path, side: str, case: str, args: argparse.Namespace) -> dict:
-    script = [str(Path(__file__).resolve()), "--side", side, "--case", case, "--work", str(work),
-              "--steps", str(args.steps), "--threads", str(args.threads), "--zero3-config", args.zero3_config]
+    script = [
+        str(Path(__file__).resolve()),
+        "--side",
+        side,
+        "--case",
+        case,
+        "--work",
+        str(work),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--zero3-config",
+        args.zero3_config,
+    ]
     if case == "zero3x2" and side != "prepare":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(29500 + os.getpid() % 1000), *script]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            *script,
+        ]
     else:
         command = [sys.executable, *script]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS=str(args.threads))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TQDM_DISABLE="1",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(args.threads),
+    )
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"{side} ({case}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -244,25 +350,37 @@ def run_side(work: Path, side: str, case: str, args: argparse.Namespace) -> dict
 
 def summarize(case: str, rounds: dict[str, list[dict]], warmup: int) -> list[str]:
     """Median over rounds of each round's median step (wall and CPU) and of the peak RSS."""
+
     def median_of(label: str, key: str) -> float:
         return statistics.median(statistics.median(r[key][warmup:]) for r in rounds[label])
 
-    gib = 1024 ** 3
+    gib = 1024**3
     wall = {label: median_of(label, "step_seconds") for label in rounds}
     cpu = {label: median_of(label, "cpu_seconds") for label in rounds}
     rss = {label: statistics.median(r["peak_rss"] for r in rounds[label]) for label in rounds}
     ours, *others = rounds
-    lines = [f"### {case}", "", "| side | step wall s | step CPU s | peak RSS GiB | first loss |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"### {case}",
+        "",
+        "| side | step wall s | step CPU s | peak RSS GiB | first loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for label, results in rounds.items():
-        lines.append(f"| {label} | {wall[label]:.2f} | {cpu[label]:.2f} | {rss[label] / gib:.2f} | "
-                     f"{results[0]['first_loss']:.4f} |")
-    lines += ["", "| ratio | step wall | step CPU | peak RSS measured | model state, theory |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {label} | {wall[label]:.2f} | {cpu[label]:.2f} | {rss[label] / gib:.2f} | "
+            f"{results[0]['first_loss']:.4f} |"
+        )
+    lines += [
+        "",
+        "| ratio | step wall | step CPU | peak RSS measured | model state, theory |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for other in others:
         mine, theirs = STATE_BYTES[case][ours], STATE_BYTES[case][other]
-        lines.append(f"| {ours} / {other} | {wall[ours] / wall[other]:.2f} | {cpu[ours] / cpu[other]:.2f} | "
-                     f"{rss[ours] / rss[other]:.2f} | {mine} / {theirs} B/param = {mine / theirs:.2f} |")
+        lines.append(
+            f"| {ours} / {other} | {wall[ours] / wall[other]:.2f} | {cpu[ours] / cpu[other]:.2f} | "
+            f"{rss[ours] / rss[other]:.2f} | {mine} / {theirs} B/param = {mine / theirs:.2f} |"
+        )
     return lines + [""]
 
 
@@ -274,8 +392,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the median")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per case, sides interleaved")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
-    parser.add_argument("--zero3-config", default=str(REPO_ROOT / "configs" / "ds_zero3.json"),
-                        help="ds_config of the zero3x2 case")
+    parser.add_argument(
+        "--zero3-config", default=str(REPO_ROOT / "configs" / "ds_zero3.json"), help="ds_config of the zero3x2 case"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--completion-tokens", type=int, default=64)
     parser.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
@@ -292,17 +411,27 @@ def main() -> None:
     if not (work / "model").is_dir():
         params = build_model(work / "model", args.preset)
         # Enough pairs for every step of the 2-process case (global batch 4), once each.
-        write_dataset(work / "data", work / "model", pairs=4 * args.steps, prompt_tokens=args.prompt_tokens,
-                      completion_tokens=args.completion_tokens)
+        write_dataset(
+            work / "data",
+            work / "model",
+            pairs=4 * args.steps,
+            prompt_tokens=args.prompt_tokens,
+            completion_tokens=args.completion_tokens,
+        )
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         with __import__("torch").device("meta"):
-            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(work / "model")).parameters())
-    print(f"model: {params / 1e6:.1f}M parameters ({args.preset}); batch 2 per process, "
-          f"{args.prompt_tokens}+{args.completion_tokens} tokens; {args.steps} steps, median after {args.warmup}; "
-          f"{args.rounds} rounds; {args.threads} thread(s) per process; work dir {work}", flush=True)
+            params = sum(
+                p.numel()
+                for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(work / "model")).parameters()
+            )
+    print(
+        f"model: {params / 1e6:.1f}M parameters ({args.preset}); batch 2 per process, "
+        f"{args.prompt_tokens}+{args.completion_tokens} tokens; {args.steps} steps, median after {args.warmup}; "
+        f"{args.rounds} rounds; {args.threads} thread(s) per process; work dir {work}",
+        flush=True,
+    )
     report = []
     for case in args.cases.split(","):
         sides = CASES[case]

@@ -124,7 +124,7 @@ def measured_peak(device: str) -> float:
         seconds.append(start.elapsed_time(stop) / 1000 / repeats)
     del a, b
     torch.cuda.empty_cache()  # this process keeps only its CUDA context (~0.5 GB on device 0) during the stages
-    return 2 * n ** 3 / min(seconds)
+    return 2 * n**3 / min(seconds)
 
 
 def device_peak(device: str) -> dict:
@@ -133,8 +133,12 @@ def device_peak(device: str) -> dict:
 
     measured = measured_peak(device)
     if device == "cpu":
-        return {"name": f"cpu ({os.cpu_count()} cores)", "peak": measured, "measured": measured,
-                "source": f"measured fp32 matmul, {os.environ['OMP_NUM_THREADS']} thread(s)"}
+        return {
+            "name": f"cpu ({os.cpu_count()} cores)",
+            "peak": measured,
+            "measured": measured,
+            "source": f"measured fp32 matmul, {os.environ['OMP_NUM_THREADS']} thread(s)",
+        }
     name = torch.cuda.get_device_name(0)
     tflops = next((value for pattern, value in PEAK_BF16_TFLOPS if re.search(pattern, name)), None)
     if tflops is None:
@@ -162,11 +166,18 @@ def write_configs(work: Path, model_dir: Path, args: argparse.Namespace) -> tupl
         "dataset_name": str(REPO_ROOT / "data" / "preference"),
         "output_dir": str(work / "outputs"),
         # configs/default.yaml's lengths: the shipped pairs are short.
-        "max_length": 96, "max_prompt_length": 48, "max_completion_length": 48,
-        "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16, "precompute_ref_batch_size": 64,
+        "max_length": 96,
+        "max_prompt_length": 48,
+        "max_completion_length": 48,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 16,
+        "precompute_ref_batch_size": 64,
         # Large enough that the loss moves in 20 steps, small for a 134M model: instability would be a finding.
-        "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1,
-        "max_steps": args.steps, "logging_steps": 1,
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+        "max_steps": args.steps,
+        "logging_steps": 1,
         "bf16": args.device == "cuda",
         "deepspeed": str(REPO_ROOT / "configs" / f"ds_zero{args.zero}.json"),
         "num_processes": args.ranks,
@@ -185,17 +196,22 @@ def run_cli(stage: str, config_path: Path, label: str, logs: Path) -> float:
     log = logs / f"{label}.log"
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "--config", str(config_path)],
-                              stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                              cwd=REPO_ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", stage, "--config", str(config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            cwd=REPO_ROOT,
+        )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         # The launcher's own traceback buries the ranks' errors: quote those when there are any.
         lines = log.read_text().splitlines()
         errors = list(dict.fromkeys(line for line in lines if re.search(r"\w(Error|Exception)\b: |: error: ", line)))
         quoted = "\n".join(errors[-10:] or lines[-30:])
-        raise StageFailed(f"{label}: `dpo-pipeline {stage}` exited {proc.returncode} after {seconds:.0f} s; "
-                          f"from {log}:\n{quoted}")
+        raise StageFailed(
+            f"{label}: `dpo-pipeline {stage}` exited {proc.returncode} after {seconds:.0f} s; from {log}:\n{quoted}"
+        )
     print(f"  {label:<12s} ok  {seconds:6.1f} s", flush=True)
     return seconds
 
@@ -226,10 +242,15 @@ def check_training(run_dir: Path, steps: int, problems: list[str]) -> list[dict]
         problems += non_finite(record, f"{run_dir.name}/{METRICS_FILE}:{i}")
     steps_logged = [r for r in records if "loss" in r]
     if [r["step"] for r in steps_logged] != list(range(1, steps + 1)):
-        problems.append(f"{run_dir.name}/{METRICS_FILE}: train lines for steps "
-                        f"{[r['step'] for r in steps_logged]}, expected 1..{steps}")
-    problems += [f"{run_dir.name}/{METRICS_FILE}: step {r['step']} has no grad_norm"
-                 for r in steps_logged if "grad_norm" not in r]
+        problems.append(
+            f"{run_dir.name}/{METRICS_FILE}: train lines for steps "
+            f"{[r['step'] for r in steps_logged]}, expected 1..{steps}"
+        )
+    problems += [
+        f"{run_dir.name}/{METRICS_FILE}: step {r['step']} has no grad_norm"
+        for r in steps_logged
+        if "grad_norm" not in r
+    ]
     problems += non_finite(json.loads((run_dir / SUMMARY_FILE).read_text()), f"{run_dir.name}/{SUMMARY_FILE}")
     return steps_logged
 
@@ -252,11 +273,17 @@ def check_reference(ref_dir: Path, problems: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ figures
-def figure(label: str, tokens_per_s: float, flops_per_token: float, ranks: int, peak: float,
-           seconds: float | None) -> dict:
+def figure(
+    label: str, tokens_per_s: float, flops_per_token: float, ranks: int, peak: float, seconds: float | None
+) -> dict:
     achieved = flops_per_token * tokens_per_s
-    return {"stage": label, "wall_s": seconds, "tokens_per_s": tokens_per_s, "model_flops_per_s": achieved,
-            "mfu": achieved / (ranks * peak)}
+    return {
+        "stage": label,
+        "wall_s": seconds,
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_s": achieved,
+        "mfu": achieved / (ranks * peak),
+    }
 
 
 def median_tokens_per_s(records: list[dict]) -> float:
@@ -266,20 +293,28 @@ def median_tokens_per_s(records: list[dict]) -> float:
 def print_table(result: dict) -> None:
     d, m = result["device"], result["model"]
     measured = f"; measured matmul {d['measured'] / 1e12:.4g}" if d["measured"] != d["peak"] else ""
-    print(f"\ndevice {d['name']} x {result['ranks']} ranks ({result['backend']}, {result['dtype']}, "
-          f"ZeRO-{result['zero']}); peak {d['peak'] / 1e12:.4g} TFLOP/s per device ({d['source']}{measured})")
-    print(f"model {m['size']}: {m['parameters'] / 1e6:.1f}M parameters, N = {m['non_embedding_parameters'] / 1e6:.2f}M "
-          f"non-embedding; {result['steps']} steps, TR-DPO tau {result['steps'] // 2}")
+    print(
+        f"\ndevice {d['name']} x {result['ranks']} ranks ({result['backend']}, {result['dtype']}, "
+        f"ZeRO-{result['zero']}); peak {d['peak'] / 1e12:.4g} TFLOP/s per device ({d['source']}{measured})"
+    )
+    print(
+        f"model {m['size']}: {m['parameters'] / 1e6:.1f}M parameters, N = {m['non_embedding_parameters'] / 1e6:.2f}M "
+        f"non-embedding; {result['steps']} steps, TR-DPO tau {result['steps'] // 2}"
+    )
     print(f"\n| {'stage':<28s} | {'wall s':>7s} | {'tokens/s':>10s} | {'model TFLOP/s':>13s} | {'MFU':>7s} |")
     print(f"|{'-' * 30}|{'-' * 8}:|{'-' * 11}:|{'-' * 14}:|{'-' * 8}:|")
     for row in result["figures"]:
         wall = f"{row['wall_s']:.1f}" if row["wall_s"] is not None else ""
-        print(f"| {row['stage']:<28s} | {wall:>7s} | {row['tokens_per_s']:>10.0f} | "
-              f"{row['model_flops_per_s'] / 1e12:>13.4g} | {100 * row['mfu']:>6.2f}% |")
+        print(
+            f"| {row['stage']:<28s} | {wall:>7s} | {row['tokens_per_s']:>10.0f} | "
+            f"{row['model_flops_per_s'] / 1e12:>13.4g} | {100 * row['mfu']:>6.2f}% |"
+        )
     for name, value in result["losses"].items():
         print(f"{name}: loss {value[0]:.4f} at step 1 -> {value[1]:.4f} at step {result['steps']}")
-    print(f"TR-DPO: {result['tr_dpo']['reference_versions']} reference versions, "
-          f"{result['tr_dpo']['reference_forwards_per_example']} reference forwards per example")
+    print(
+        f"TR-DPO: {result['tr_dpo']['reference_versions']} reference versions, "
+        f"{result['tr_dpo']['reference_forwards_per_example']} reference forwards per example"
+    )
     print("all finite: " + ("yes" if not result["problems"] else f"NO, {len(result['problems'])} problem(s):"))
     for problem in result["problems"]:
         print(f"  {problem}")
@@ -306,8 +341,12 @@ def smoke(work: Path, args: argparse.Namespace, result: dict) -> None:
 
     print(f"stages ({args.ranks} ranks, logs in {logs}):", flush=True)
     seconds = result["stage_seconds"] = {}
-    for stage, path, label in (("tokenize", plain_yaml, "tokenize"), ("reference", plain_yaml, "reference"),
-                               ("train", plain_yaml, "train"), ("train", tr_dpo_yaml, "tr-dpo")):
+    for stage, path, label in (
+        ("tokenize", plain_yaml, "tokenize"),
+        ("reference", plain_yaml, "reference"),
+        ("train", plain_yaml, "train"),
+        ("train", tr_dpo_yaml, "tr-dpo"),
+    ):
         seconds[label] = run_cli(stage, path, label, logs)
 
     problems = result["problems"]
@@ -325,16 +364,30 @@ def smoke(work: Path, args: argparse.Namespace, result: dict) -> None:
 
     peak = result["device"]["peak"]
     result["figures"] = [
-        figure("reference (train+eval)", ref_manifest["counts"]["tokens_per_s"], 2 * n, args.ranks, peak,
-               seconds["reference"]),
+        figure(
+            "reference (train+eval)",
+            ref_manifest["counts"]["tokens_per_s"],
+            2 * n,
+            args.ranks,
+            peak,
+            seconds["reference"],
+        ),
         figure("train (DPO)", median_tokens_per_s(plain_steps), 6 * n, args.ranks, peak, seconds["train"]),
-        figure("TR-DPO window references", statistics.mean(w["counts"]["tokens_per_s"] for w in windows), 2 * n,
-               args.ranks, peak, None),
-        figure("TR-DPO train (2 windows)", median_tokens_per_s(tr_dpo_steps), 6 * n, args.ranks, peak,
-               seconds["tr-dpo"]),
+        figure(
+            "TR-DPO window references",
+            statistics.mean(w["counts"]["tokens_per_s"] for w in windows),
+            2 * n,
+            args.ranks,
+            peak,
+            None,
+        ),
+        figure(
+            "TR-DPO train (2 windows)", median_tokens_per_s(tr_dpo_steps), 6 * n, args.ranks, peak, seconds["tr-dpo"]
+        ),
     ]
-    result["losses"] = {name: (steps[0]["loss"], steps[-1]["loss"])
-                        for name, steps in (("DPO", plain_steps), ("TR-DPO", tr_dpo_steps))}
+    result["losses"] = {
+        name: (steps[0]["loss"], steps[-1]["loss"]) for name, steps in (("DPO", plain_steps), ("TR-DPO", tr_dpo_steps))
+    }
 
 
 def main() -> int:
@@ -344,8 +397,12 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
     parser.add_argument("--ranks", type=int, default=2, help="processes per DeepSpeed job (one per GPU)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (even: TR-DPO in 2 windows)")
-    parser.add_argument("--model-size", choices=bench_train.PRESETS, default=None,
-                        help="bench_train preset (default: 134m on cuda, tiny on cpu)")
+    parser.add_argument(
+        "--model-size",
+        choices=bench_train.PRESETS,
+        default=None,
+        help="bench_train preset (default: 134m on cuda, tiny on cpu)",
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--zero", type=int, choices=(2, 3), default=3, help="ZeRO stage of training")
     args = parser.parse_args()
@@ -366,10 +423,16 @@ def main() -> int:
     start = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-smoke-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    result = {"work": str(work), "ranks": args.ranks, "steps": args.steps, "zero": args.zero,
-              "backend": "nccl" if args.device == "cuda" else "gloo",
-              "dtype": "bf16" if args.device == "cuda" else "fp32", "device": device_peak(args.device),
-              "problems": []}
+    result = {
+        "work": str(work),
+        "ranks": args.ranks,
+        "steps": args.steps,
+        "zero": args.zero,
+        "backend": "nccl" if args.device == "cuda" else "gloo",
+        "dtype": "bf16" if args.device == "cuda" else "fp32",
+        "device": device_peak(args.device),
+        "problems": [],
+    }
     try:
         smoke(work, args, result)
     except (StageFailed, PipelineError) as exc:  # a stage exited non-zero, or an artifact is missing or corrupt

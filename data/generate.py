@@ -36,27 +36,100 @@ HERE = Path(__file__).resolve().parent
 # Each category: (subject -> value, question phrasings, answer sentence, subject label); "{s}" is the subject and
 # "{v}" the value. The last phrasing of every fact is held out for the test split.
 CATEGORIES = [
-    ({"banana": "yellow", "cherry": "red", "lime": "green", "plum": "purple", "orange": "orange",
-      "blueberry": "blue", "lemon": "yellow", "grape": "purple", "kiwi": "brown", "apple": "red",
-      "pear": "green", "coconut": "brown", "strawberry": "red", "mango": "orange", "fig": "purple"},
-     ["what colour is a {s} ?", "tell me the colour of a {s} .", "which colour does a {s} have ?"],
-     "a {s} is {v} .", "{s}"),
-    ({"dog": "barks", "cat": "meows", "cow": "moos", "sheep": "bleats", "duck": "quacks", "lion": "roars",
-      "owl": "hoots", "horse": "neighs", "frog": "croaks", "snake": "hisses", "bee": "buzzes", "wolf": "howls"},
-     ["what sound does a {s} make ?", "how does a {s} sound ?", "tell me what a {s} says ."],
-     "a {s} {v} .", "{s}"),
-    ({"velmora": "tarsk", "quendia": "olm", "brisk": "fallow", "ostrel": "marn", "dunhar": "pell",
-      "safrane": "ketch", "lorvik": "amsel", "torrin": "vey", "caldera": "rusk", "yomar": "idris"},
-     ["what is the capital of {s} ?", "name the capital of {s} .", "which city is the capital of {s} ?"],
-     "the capital of {s} is {v} .", "{s}"),
-    ({"cat": "kitten", "dog": "puppy", "cow": "calf", "sheep": "lamb", "duck": "duckling", "horse": "foal",
-      "frog": "tadpole", "goat": "kid", "bear": "cub", "swan": "cygnet"},
-     ["what is a baby {s} called ?", "name a young {s} .", "what do you call a baby {s} ?"],
-     "a baby {s} is a {v} .", "young {s}"),
-    ({"hot": "cold", "big": "small", "fast": "slow", "up": "down", "open": "closed", "early": "late",
-      "full": "empty", "light": "dark", "wet": "dry", "loud": "quiet", "old": "young", "hard": "soft"},
-     ["what is the opposite of {s} ?", "give me the opposite of {s} .", "which word means the opposite of {s} ?"],
-     "the opposite of {s} is {v} .", "{s}"),
+    (
+        {
+            "banana": "yellow",
+            "cherry": "red",
+            "lime": "green",
+            "plum": "purple",
+            "orange": "orange",
+            "blueberry": "blue",
+            "lemon": "yellow",
+            "grape": "purple",
+            "kiwi": "brown",
+            "apple": "red",
+            "pear": "green",
+            "coconut": "brown",
+            "strawberry": "red",
+            "mango": "orange",
+            "fig": "purple",
+        },
+        ["what colour is a {s} ?", "tell me the colour of a {s} .", "which colour does a {s} have ?"],
+        "a {s} is {v} .",
+        "{s}",
+    ),
+    (
+        {
+            "dog": "barks",
+            "cat": "meows",
+            "cow": "moos",
+            "sheep": "bleats",
+            "duck": "quacks",
+            "lion": "roars",
+            "owl": "hoots",
+            "horse": "neighs",
+            "frog": "croaks",
+            "snake": "hisses",
+            "bee": "buzzes",
+            "wolf": "howls",
+        },
+        ["what sound does a {s} make ?", "how does a {s} sound ?", "tell me what a {s} says ."],
+        "a {s} {v} .",
+        "{s}",
+    ),
+    (
+        {
+            "velmora": "tarsk",
+            "quendia": "olm",
+            "brisk": "fallow",
+            "ostrel": "marn",
+            "dunhar": "pell",
+            "safrane": "ketch",
+            "lorvik": "amsel",
+            "torrin": "vey",
+            "caldera": "rusk",
+            "yomar": "idris",
+        },
+        ["what is the capital of {s} ?", "name the capital of {s} .", "which city is the capital of {s} ?"],
+        "the capital of {s} is {v} .",
+        "{s}",
+    ),
+    (
+        {
+            "cat": "kitten",
+            "dog": "puppy",
+            "cow": "calf",
+            "sheep": "lamb",
+            "duck": "duckling",
+            "horse": "foal",
+            "frog": "tadpole",
+            "goat": "kid",
+            "bear": "cub",
+            "swan": "cygnet",
+        },
+        ["what is a baby {s} called ?", "name a young {s} .", "what do you call a baby {s} ?"],
+        "a baby {s} is a {v} .",
+        "young {s}",
+    ),
+    (
+        {
+            "hot": "cold",
+            "big": "small",
+            "fast": "slow",
+            "up": "down",
+            "open": "closed",
+            "early": "late",
+            "full": "empty",
+            "light": "dark",
+            "wet": "dry",
+            "loud": "quiet",
+            "old": "young",
+            "hard": "soft",
+        },
+        ["what is the opposite of {s} ?", "give me the opposite of {s} .", "which word means the opposite of {s} ?"],
+        "the opposite of {s} is {v} .",
+        "{s}",
+    ),
 ]
 
 REFUSALS = ["i do not know .", "i can not answer that .", "no idea , sorry .", "ask someone else ."]
@@ -70,8 +143,14 @@ def _facts() -> list[tuple[str, list[str], str, list[str]]]:
     for values, questions, answer, label in CATEGORIES:
         for subject, value in values.items():
             wrong = sorted({v for v in values.values() if v != value})
-            facts.append((label.format(s=subject), [q.format(s=subject) for q in questions],
-                          answer.format(s=subject, v=value), [answer.format(s=subject, v=w) for w in wrong]))
+            facts.append(
+                (
+                    label.format(s=subject),
+                    [q.format(s=subject) for q in questions],
+                    answer.format(s=subject, v=value),
+                    [answer.format(s=subject, v=w) for w in wrong],
+                )
+            )
     return facts
 
 
@@ -102,15 +181,23 @@ def generate(n_train: int = 4000, n_test: int = 400, n_chat: int = 64, seed: int
     test = [_pair(rng, *rng.choice(test_q), facts) for _ in range(n_test)]
     chat = []
     for row in test[:n_chat]:
-        chat.append({
-            "prompt": [{"role": "system", "content": "answer briefly ."}, {"role": "user", "content": row["prompt"]}],
-            "chosen": [{"role": "assistant", "content": row["chosen"]}],
-            "rejected": [{"role": "assistant", "content": row["rejected"]}],
-        })
+        chat.append(
+            {
+                "prompt": [
+                    {"role": "system", "content": "answer briefly ."},
+                    {"role": "user", "content": row["prompt"]},
+                ],
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}],
+            }
+        )
     out = HERE / "preference"
     out.mkdir(exist_ok=True)
-    for path, rows in ((out / "train.jsonl", train), (out / "test.jsonl", test),
-                       (HERE / "conversational_sample.jsonl", chat)):
+    for path, rows in (
+        (out / "train.jsonl", train),
+        (out / "test.jsonl", test),
+        (HERE / "conversational_sample.jsonl", chat),
+    ):
         path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 

@@ -53,8 +53,10 @@ _TQDM = re.compile(r"^\s*(?P<desc>[\w .-]*?):\s+(?P<percent>\d{1,3})%\|")
 
 
 # pipeline.train.tr_dpo's line at each window start, and the loss in the training bar's postfix.
-_WINDOW = re.compile(r"TR-DPO window (?P<k>\d+)/(?P<n>\d+) \(steps (?P<steps>[\d-]+)\): reference version "
-                     r"(?P<version>\d+)")
+_WINDOW = re.compile(
+    r"TR-DPO window (?P<k>\d+)/(?P<n>\d+) \(steps (?P<steps>[\d-]+)\): reference version "
+    r"(?P<version>\d+)"
+)
 _LOSS = re.compile(r"loss=(?P<loss>[-\d.naif]+)")
 # The line a stage prints when it refuses its input (pipeline/cli.py). The error itself reaches the task with its
 # type (the job's --error-file); what the job prints after this line is its launcher's report of the exit.
@@ -112,15 +114,30 @@ class JobOutput:
     def _window_started(self, window: re.Match) -> None:
         """A TR-DPO window began (its reference version mixed and its examples scored): a markdown artifact
         of the windows done, the current one and the training loss, while the job runs."""
-        self.windows.append({"window": window["k"], "of": window["n"], "steps": window["steps"],
-                             "version": window["version"], "loss": ""})
+        self.windows.append(
+            {
+                "window": window["k"],
+                "of": window["n"],
+                "steps": window["steps"],
+                "version": window["version"],
+                "loss": "",
+            }
+        )
         rows = [f"| {w['window']}/{w['of']} | {w['steps']} | v{w['version']} | {w['loss']} |" for w in self.windows]
         current = self.windows[-1]
         create_markdown_artifact(
             key=f"{self.key.removesuffix('-progress')}-tr-dpo-windows",
             description=f"TR-DPO: window {current['window']} of {current['of']} running",
-            markdown="\n".join([f"## TR-DPO windows ({len(self.windows) - 1} reference syncs so far)", "",
-                                 "| window | steps | reference | loss at its end |", "|---|---|---|---|", *rows]))
+            markdown="\n".join(
+                [
+                    f"## TR-DPO windows ({len(self.windows) - 1} reference syncs so far)",
+                    "",
+                    "| window | steps | reference | loss at its end |",
+                    "|---|---|---|---|",
+                    *rows,
+                ]
+            ),
+        )
 
     def finish(self) -> None:
         """After a successful job. One that showed no bar found its artifact complete: it is 100 % done. (One
@@ -158,5 +175,6 @@ def stop_flow_run_jobs(flow, flow_run, state) -> None:
     cancelled = slurm.cancel_containing(str(flow_run.id))
     if ended or cancelled:
         # flow_run_logger, not get_run_logger: a runner calls this hook outside any run context.
-        flow_run_logger(flow_run, flow).warning("flow run %s: ended %d job process group(s), %d Slurm job(s)",
-                                                state.name, ended, cancelled)
+        flow_run_logger(flow_run, flow).warning(
+            "flow run %s: ended %d job process group(s), %d Slurm job(s)", state.name, ended, cancelled
+        )

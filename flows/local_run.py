@@ -91,10 +91,14 @@ def server_dir(output_dir: Path) -> Path:
 
 def _server_environment(home: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_DATABASE")}
-    env.update(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", PREFECT__SERVER_EPHEMERAL="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               # Explicit, so that no database setting of the user's (environment, profile, prefect.toml) is used.
-               PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_UI_ENABLED="false",
+        PREFECT__SERVER_EPHEMERAL="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # Explicit, so that no database setting of the user's (environment, profile, prefect.toml) is used.
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+    )
     env.pop("PREFECT_API_URL", None)
     return env
 
@@ -105,8 +109,10 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             last = (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
-            raise PipelineError(f"the temporary Prefect API exited with code {proc.returncode} while starting "
-                                f"(its log {log} ends: {last})")
+            raise PipelineError(
+                f"the temporary Prefect API exited with code {proc.returncode} while starting "
+                f"(its log {log} ends: {last})"
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -147,9 +153,23 @@ def temporary_api(output_dir: Path) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = home / "server.log"
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
-               "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "error", "--lifespan", "on"]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(Path(prefect.__file__).parent.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
     # The command line heads the log, written (and flushed) here: a full disk is then one clear line now, not
     # a server that dies unable to say why.
     with storage_errors(log):
@@ -157,9 +177,15 @@ def temporary_api(output_dir: Path) -> Iterator[str]:
         with open(log, "a") as handle:
             handle.write(f"$ {shlex.join(command)}\n")
             handle.flush()
-            proc = subprocess.Popen(command, env=_server_environment(home), stdin=subprocess.DEVNULL,
-                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=die_with_parent)
+            proc = subprocess.Popen(
+                command,
+                env=_server_environment(home),
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
     try:
         _wait_healthy(proc, url, log)
         with _api_url(url):
@@ -185,7 +211,8 @@ def crash_orphans() -> int:
         for run in orphans:
             tasks = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_UNFINISHED))))
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_UNFINISHED))),
+            )
             for task_run in tasks:
                 client.set_task_run_state(task_run.id, Crashed(message=_ORPHAN_MESSAGE), force=True)
             client.set_flow_run_state(run.id, Crashed(message=_ORPHAN_MESSAGE), force=True)
@@ -208,8 +235,12 @@ def signals_end_the_run(command: str) -> Iterator[None]:
         yield
     except (TerminationSignal, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signal", signal.SIGINT)
-        print(f"{command}: stopped by {signal.Signals(signum).name}: its jobs are ended and its flow run, if it had "
-              f"begun, is marked Crashed; rerun the same command to resume", file=sys.stderr, flush=True)
+        print(
+            f"{command}: stopped by {signal.Signals(signum).name}: its jobs are ended and its flow run, if it had "
+            f"begun, is marked Crashed; rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(128 + signum) from None
     finally:
         for sig, handler in previous.items():
@@ -229,15 +260,20 @@ class _RefusalsOnce(logging.Filter):
         return not (record.levelno >= logging.ERROR and _REFUSAL_IN_STATE.search(record.getMessage()))
 
 
-_REFUSAL_IN_STATE = re.compile("|".join(rf"\b{name}: " for name in sorted(
-    cls.__name__ for cls in subclasses(PipelineError))))
+_REFUSAL_IN_STATE = re.compile(
+    "|".join(rf"\b{name}: " for name in sorted(cls.__name__ for cls in subclasses(PipelineError)))
+)
 
 
 @contextlib.contextmanager
 def refusals_once() -> Iterator[None]:
     """While a ``dpo-pipeline run`` runs: :class:`_RefusalsOnce` on every Prefect console handler."""
-    handlers = {handler for logger in (logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict))
-                for handler in getattr(logger, "handlers", []) if isinstance(handler, PrefectConsoleHandler)}
+    handlers = {
+        handler
+        for logger in (logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict))
+        for handler in getattr(logger, "handlers", [])
+        if isinstance(handler, PrefectConsoleHandler)
+    }
     quiet = _RefusalsOnce()
     for handler in handlers:
         handler.addFilter(quiet)
@@ -257,6 +293,10 @@ def run_api(output_dir: Path) -> Iterator[None]:
         return
     with temporary_api(output_dir):
         if crashed := crash_orphans():
-            print(f"dpo-pipeline run: marked {crashed} earlier flow run(s) in {server_dir(output_dir)} Crashed: "
-                  f"{_ORPHAN_CAUSE}", file=sys.stderr, flush=True)
+            print(
+                f"dpo-pipeline run: marked {crashed} earlier flow run(s) in {server_dir(output_dir)} Crashed: "
+                f"{_ORPHAN_CAUSE}",
+                file=sys.stderr,
+                flush=True,
+            )
         yield

@@ -87,8 +87,11 @@ def tokenize_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str,
 
 
 @flow(name="dpo-reference", **_JOB_HOOKS)
-def reference_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
-                   job_timeout_s: float | None = None) -> str:
+def reference_flow(
+    config_path: str | None = DEFAULT_CONFIG,
+    overrides: dict[str, Any] | None = None,
+    job_timeout_s: float | None = None,
+) -> str:
     """The reference pass (needs the tokenized artifact; returns the reference artifact's directory)."""
     config = load_config(config_path, overrides)
     with output_dir_lock(config):
@@ -96,8 +99,11 @@ def reference_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str
 
 
 @flow(name="dpo-train", **_JOB_HOOKS)
-def train_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
-               job_timeout_s: float | None = None) -> str:
+def train_flow(
+    config_path: str | None = DEFAULT_CONFIG,
+    overrides: dict[str, Any] | None = None,
+    job_timeout_s: float | None = None,
+) -> str:
     """Training from the cached reference log-probs (returns the run directory)."""
     config = load_config(config_path, overrides)
     with output_dir_lock(config):
@@ -107,8 +113,11 @@ def train_flow(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, An
 
 
 @flow(name="dpo-pipeline", **_JOB_HOOKS)
-def dpo_pipeline(config_path: str | None = DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
-                 job_timeout_s: float | None = None) -> dict[str, str]:
+def dpo_pipeline(
+    config_path: str | None = DEFAULT_CONFIG,
+    overrides: dict[str, Any] | None = None,
+    job_timeout_s: float | None = None,
+) -> dict[str, str]:
     """tokenize -> reference pass -> train. ``overrides`` are config values (``{"beta": 0.2}``) applied over
     ``config_path``; ``job_timeout_s`` bounds each DeepSpeed job. Returns the artifact directories."""
     config = load_config(config_path, overrides)
@@ -135,8 +144,10 @@ def check_prefect_api(*, server_required: bool = False) -> None:
         error = client.api_healthcheck()
     if error is not None:
         fallback = "" if server_required else ", or unset PREFECT_API_URL to run on a temporary local API"
-        raise PipelineError(f"the Prefect API at {url} is unreachable ({type(error).__name__}: {error}); "
-                            f"start it with `prefect server start`{fallback}")
+        raise PipelineError(
+            f"the Prefect API at {url} is unreachable ({type(error).__name__}: {error}); "
+            f"start it with `prefect server start`{fallback}"
+        )
 
 
 def run_pipeline(config: DPOPipelineConfig) -> dict[str, str]:
@@ -148,8 +159,7 @@ def run_pipeline(config: DPOPipelineConfig) -> dict[str, str]:
     # The flow takes JSON parameters: the config travels as its values (all of them, so nothing depends on a
     # file), with output_dir absolute so the run's records name the real place.
     values = config.model_dump(mode="json") | {"output_dir": str(config.output_path)}
-    with signals_end_the_run("dpo-pipeline run"), output_dir_lock(config), run_api(config.output_path), \
-            refusals_once():
+    with signals_end_the_run("dpo-pipeline run"), output_dir_lock(config), run_api(config.output_path), refusals_once():
         paths = dpo_pipeline(config_path=None, overrides=values)
     print(format_report(config, paths))
     return paths

@@ -31,8 +31,11 @@ from pipeline.train.windows import VERSION_KIND, window_dir
 
 
 def _scalars(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"metric": key, "value": value} for key, value in summary.items()
-            if value is None or isinstance(value, (int, float))]
+    return [
+        {"metric": key, "value": value}
+        for key, value in summary.items()
+        if value is None or isinstance(value, (int, float))
+    ]
 
 
 def _artifacts(config: DPOPipelineConfig, summary: dict[str, Any]) -> list[tuple[str, str, Path]]:
@@ -44,8 +47,7 @@ def _artifacts(config: DPOPipelineConfig, summary: dict[str, Any]) -> list[tuple
         windows = range(len(summary["tr_dpo"]["windows"]))
         run_dir = Path(summary["run_dir"])
         found += [(f"window {k} reference", reference.KIND, window_dir(run_dir, k)) for k in windows]
-        found += [(f"reference v{k}", VERSION_KIND, path)
-                  for k, path in enumerate(summary["tr_dpo"]["versions"])]
+        found += [(f"reference v{k}", VERSION_KIND, path) for k, path in enumerate(summary["tr_dpo"]["versions"])]
     found.append(("train", TRAIN_KIND, summary["run_dir"]))
     # One row per directory: a later, more specific label ("window 1 reference" for "reference_train") replaces
     # an earlier one, and the row keeps the place where the directory first appeared.
@@ -68,20 +70,33 @@ def publish_report(config: DPOPipelineConfig, run_dir: str | Path) -> None:
     """Create the run's table and markdown artifacts from its training ``summary.json``."""
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
-    create_table_artifact(key="dpo-final-metrics", table=_scalars(summary),
-                          description=f"Final metrics of {run_dir}")
-    lines = [f"# DPO run `{run_dir.name}`", "",
-             (f"eval reward accuracy **{summary.get('eval_reward_accuracy')}**, train reward accuracy "
-              f"**{summary.get('train_reward_accuracy')}** after {summary.get('num_steps')} steps"),
-             "", "## Plots", ""]
+    create_table_artifact(key="dpo-final-metrics", table=_scalars(summary), description=f"Final metrics of {run_dir}")
+    lines = [
+        f"# DPO run `{run_dir.name}`",
+        "",
+        (
+            f"eval reward accuracy **{summary.get('eval_reward_accuracy')}**, train reward accuracy "
+            f"**{summary.get('train_reward_accuracy')}** after {summary.get('num_steps')} steps"
+        ),
+        "",
+        "## Plots",
+        "",
+    ]
     for name, plot in summary["paths"]["plots"].items():
         encoded = base64.b64encode(Path(plot).read_bytes()).decode()
         lines += [f"### {name}", f"![{name}](data:image/png;base64,{encoded})", f"`{plot}`", ""]
-    lines += ["## Artifacts", "", *_manifest_table(config, summary), "",
-              f"Model: `{summary['paths']['model']}`  ", f"Metrics: `{summary['paths']['metrics']}`  ",
-              f"Job logs: `{config.output_path / 'logs'}`"]
-    create_markdown_artifact(key="dpo-run-report", markdown="\n".join(lines),
-                             description=f"Plots and artifact manifests of {run_dir}")
+    lines += [
+        "## Artifacts",
+        "",
+        *_manifest_table(config, summary),
+        "",
+        f"Model: `{summary['paths']['model']}`  ",
+        f"Metrics: `{summary['paths']['metrics']}`  ",
+        f"Job logs: `{config.output_path / 'logs'}`",
+    ]
+    create_markdown_artifact(
+        key="dpo-run-report", markdown="\n".join(lines), description=f"Plots and artifact manifests of {run_dir}"
+    )
 
 
 def format_report(config: DPOPipelineConfig, paths: dict[str, str]) -> str:
@@ -91,10 +106,14 @@ def format_report(config: DPOPipelineConfig, paths: dict[str, str]) -> str:
     width = max(len(label) for label in [*paths, "model", "metrics", "plots", "logs"])
     lines = ["DPO pipeline finished:"]
     lines += [f"  {label:<{width}}  {path}" for label, path in paths.items()]
-    lines += [f"  {'model':<{width}}  {summary['paths']['model']}",
-              f"  {'metrics':<{width}}  {summary['paths']['metrics']}",
-              f"  {'plots':<{width}}  {Path(plots[0]).parent}/ ({', '.join(Path(p).name for p in plots)})",
-              f"  {'logs':<{width}}  {config.output_path / 'logs'}",
-              (f"  eval reward accuracy {summary.get('eval_reward_accuracy')}, "
-               f"train reward accuracy {summary.get('train_reward_accuracy')} ({summary.get('num_steps')} steps)")]
+    lines += [
+        f"  {'model':<{width}}  {summary['paths']['model']}",
+        f"  {'metrics':<{width}}  {summary['paths']['metrics']}",
+        f"  {'plots':<{width}}  {Path(plots[0]).parent}/ ({', '.join(Path(p).name for p in plots)})",
+        f"  {'logs':<{width}}  {config.output_path / 'logs'}",
+        (
+            f"  eval reward accuracy {summary.get('eval_reward_accuracy')}, "
+            f"train reward accuracy {summary.get('train_reward_accuracy')} ({summary.get('num_steps')} steps)"
+        ),
+    ]
     return "\n".join(lines)

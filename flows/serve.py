@@ -40,7 +40,9 @@ def serve() -> None:
     spec = pipeline_deployment()
     limit = spec.get("concurrency_limit")
     dpo_pipeline.serve(
-        name=spec["name"], description=spec.get("description"), parameters=spec.get("parameters") or {},
+        name=spec["name"],
+        description=spec.get("description"),
+        parameters=spec.get("parameters") or {},
         schedules=[Cron(s["cron"], timezone=s.get("timezone")) for s in spec.get("schedules") or []],
         global_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
     )

@@ -45,6 +45,8 @@ from pipeline.tokenize.stage import tokenize_stage
 CACHE_DIR = "prefect-cache"
 JOB_RETRIES = 2
 JOB_RETRY_DELAY_S = 10
+
+
 def _worth_retrying(task, task_run, state) -> bool:
     """Retry crashes and kills (the stage resumes); not input the stage refused, nor a storage fault (a full or
     read-only disk, a file in the way), which would be refused again until the user acts."""
@@ -59,8 +61,14 @@ def _artifact_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def _stage_task(name: str, *, retries: int = 0) -> Callable:
-    return task(name=name, cache_key_fn=_artifact_key, persist_result=True, retries=retries,
-                retry_delay_seconds=JOB_RETRY_DELAY_S, retry_condition_fn=_worth_retrying)
+    return task(
+        name=name,
+        cache_key_fn=_artifact_key,
+        persist_result=True,
+        retries=retries,
+        retry_delay_seconds=JOB_RETRY_DELAY_S,
+        retry_condition_fn=_worth_retrying,
+    )
 
 
 def _intact(artifact: Path) -> bool:
@@ -77,13 +85,20 @@ def _intact(artifact: Path) -> bool:
 def run_cached(stage_task, config: DPOPipelineConfig, artifact: Path, **kwargs: Any) -> str:
     """Run ``stage_task(config, artifact, **kwargs)`` with its cache records under the output dir, refreshed
     when ``artifact`` is not committed on disk."""
-    configured = stage_task.with_options(result_storage=config.output_path / CACHE_DIR,
-                                         refresh_cache=not _intact(artifact))
+    configured = stage_task.with_options(
+        result_storage=config.output_path / CACHE_DIR, refresh_cache=not _intact(artifact)
+    )
     return configured(config, str(artifact), **kwargs)
 
 
-def run_job(stage: str, config: DPOPipelineConfig, *, artifact: str, extra_args: tuple[str, ...] = (),
-            timeout: float | None = None) -> None:
+def run_job(
+    stage: str,
+    config: DPOPipelineConfig,
+    *,
+    artifact: str,
+    extra_args: tuple[str, ...] = (),
+    timeout: float | None = None,
+) -> None:
     """A stage as a launcher job, its output in this task's log and its progress in the ``<stage>-progress``
     artifact (under TR-DPO the training bar counts all steps, so it shows the whole run across windows)."""
     output = JobOutput(stage, f"{stage}-progress", f"{stage} -> {artifact}")

@@ -72,15 +72,26 @@ def hash_files(root: str | Path, names: Iterable[str]) -> str:
 # Files whose content defines a model's numbers (weights and architecture) and a tokenizer's ids.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_METADATA = ("config.json",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 _WEIGHTS_HASHES: dict[tuple, str] = {}
 # Where digests of model weights are remembered across processes (one small JSON per model directory).
-WEIGHT_DIGESTS_DIR = Path(os.environ.get("DPO_PIPELINE_DIGEST_CACHE",
-                                         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                                         / "dpo-pipeline" / "weight-digests"))
+WEIGHT_DIGESTS_DIR = Path(
+    os.environ.get(
+        "DPO_PIPELINE_DIGEST_CACHE",
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpo-pipeline" / "weight-digests",
+    )
+)
 REHASH_WEIGHTS = "DPO_PIPELINE_REHASH_WEIGHTS"  # set to 1: hash the weights again, ignore remembered digests
 
 
@@ -174,18 +185,24 @@ def storage_error(exc: OSError, path: str | Path | None = None) -> StorageError 
     path = Path(path if path is not None else os.fsdecode(exc.filename))
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         mount = _mount_point(path)
-        return StorageError(f"cannot write {path}: no space left on {mount} ({_size(shutil.disk_usage(mount).free)} "
-                            f"free); free space there or choose another output_dir, then rerun (committed artifacts "
-                            f"are kept and reused)")
+        return StorageError(
+            f"cannot write {path}: no space left on {mount} ({_size(shutil.disk_usage(mount).free)} "
+            f"free); free space there or choose another output_dir, then rerun (committed artifacts "
+            f"are kept and reused)"
+        )
     if exc.errno == errno.EROFS:
-        return StorageError(f"cannot write {path}: {_mount_point(path)} is a read-only file system; choose "
-                            f"another output_dir")
+        return StorageError(
+            f"cannot write {path}: {_mount_point(path)} is a read-only file system; choose another output_dir"
+        )
     if exc.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := _file_in_the_way(path)) is not None:
-        return StorageError(f"cannot write {path}: {blocker} is a file, not a directory; move it away or choose "
-                            f"another output_dir")
+        return StorageError(
+            f"cannot write {path}: {blocker} is a file, not a directory; move it away or choose another output_dir"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return StorageError(f"cannot write {path}: permission denied in {_existing_ancestor(path)}; make it "
-                            f"writable for this user or choose another output_dir")
+        return StorageError(
+            f"cannot write {path}: permission denied in {_existing_ancestor(path)}; make it "
+            f"writable for this user or choose another output_dir"
+        )
     return None
 
 
@@ -256,8 +273,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def write_parquet(table: pa.Table, path: str | Path) -> None:
     """Atomic, deterministic Parquet: the same table gives byte-identical files on every run."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False,
-                       store_schema=True)
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False, store_schema=True)
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -279,9 +295,17 @@ def strictly_increasing(ids: Any, where: str, *, fix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- manifests
-def write_manifest(directory: str | Path, *, kind: str, schema_version: int, inputs: dict[str, Any],
-                   files: Iterable[str], counts: dict[str, Any] | None = None, name: str = MANIFEST,
-                   **extra: Any) -> dict[str, Any]:
+def write_manifest(
+    directory: str | Path,
+    *,
+    kind: str,
+    schema_version: int,
+    inputs: dict[str, Any],
+    files: Iterable[str],
+    counts: dict[str, Any] | None = None,
+    name: str = MANIFEST,
+    **extra: Any,
+) -> dict[str, Any]:
     """Commit an artifact: hash its data files and write the manifest last, atomically.
 
     ``inputs`` is everything the artifact depends on; its fingerprint is what readers compare. ``extra`` is
@@ -305,9 +329,15 @@ def expected_fingerprint(kind: str, schema_version: int, inputs: dict[str, Any])
     return fingerprint({"kind": kind, "schema_version": schema_version, "inputs": inputs})
 
 
-def read_manifest(directory: str | Path, *, kind: str, schema_version: int | None = None,
-                  fingerprint: str | None = None, verify_files: bool = True,
-                  name: str = MANIFEST) -> dict[str, Any]:
+def read_manifest(
+    directory: str | Path,
+    *,
+    kind: str,
+    schema_version: int | None = None,
+    fingerprint: str | None = None,
+    verify_files: bool = True,
+    name: str = MANIFEST,
+) -> dict[str, Any]:
     """Load and check a manifest; raise ArtifactError saying exactly what does not match."""
     directory = Path(directory)
     path = directory / name
@@ -320,25 +350,34 @@ def read_manifest(directory: str | Path, *, kind: str, schema_version: int | Non
     if manifest.get("kind") != kind:
         raise ArtifactError(f"{path} describes a '{manifest.get('kind')}' artifact, expected '{kind}'")
     if schema_version is not None and manifest.get("schema_version") != schema_version:
-        raise ArtifactError(f"{path} has schema version {manifest.get('schema_version')}, this code reads "
-                            f"{schema_version}; rebuild the artifact")
+        raise ArtifactError(
+            f"{path} has schema version {manifest.get('schema_version')}, this code reads "
+            f"{schema_version}; rebuild the artifact"
+        )
     # Identity before the expected fingerprint: an edited fingerprint that now equals the expected one must be
     # refused as edited, not accepted.
-    if manifest.get("fingerprint") != expected_fingerprint(kind, manifest.get("schema_version"),
-                                                           manifest.get("inputs")):
-        raise ArtifactError(f"{kind} artifact at {directory}: the fingerprint in {name} does not match the inputs "
-                            f"it records (edited or corrupt manifest); rerun the {kind} stage")
+    if manifest.get("fingerprint") != expected_fingerprint(
+        kind, manifest.get("schema_version"), manifest.get("inputs")
+    ):
+        raise ArtifactError(
+            f"{kind} artifact at {directory}: the fingerprint in {name} does not match the inputs "
+            f"it records (edited or corrupt manifest); rerun the {kind} stage"
+        )
     if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
-        raise ArtifactError(f"{kind} artifact at {directory} was made from other inputs (fingerprint "
-                            f"{str(manifest.get('fingerprint'))[:12]}, expected {fingerprint[:12]}); "
-                            f"rerun the {kind} stage")
+        raise ArtifactError(
+            f"{kind} artifact at {directory} was made from other inputs (fingerprint "
+            f"{str(manifest.get('fingerprint'))[:12]}, expected {fingerprint[:12]}); "
+            f"rerun the {kind} stage"
+        )
     if verify_files:
         for file, digest in manifest.get("files", {}).items():
             if not (directory / file).is_file():
                 raise ArtifactError(f"{kind} artifact at {directory}: file {file} listed in {name} is missing")
             if hash_file(directory / file) != digest:
-                raise ArtifactError(f"{kind} artifact at {directory}: {file} does not match the hash in {name} "
-                                    f"(modified or corrupt); rerun the {kind} stage")
+                raise ArtifactError(
+                    f"{kind} artifact at {directory}: {file} does not match the hash in {name} "
+                    f"(modified or corrupt); rerun the {kind} stage"
+                )
     return manifest
 
 

@@ -25,7 +25,7 @@ STAGES = {
     "tokenize": "tokenize the preference dataset into the tokenized Parquet artifact",
     "reference": "score every example with the frozen reference model (DeepSpeed) into Parquet",
     "train": "train the policy with DeepSpeed ZeRO from the cached reference log-probs (TR-DPO when "
-             "sync_ref_model is set)",
+    "sync_ref_model is set)",
     "run": "the whole pipeline as a Prefect flow: tokenize -> reference -> train",
     "build-tiny-model": "build the default tiny Llama + tokenizer (no download) into model_name_or_path",
     "config": "print every accepted config key (with --config: the resolved config as YAML)",
@@ -35,9 +35,12 @@ _STAGE_OPTIONS = {"--config", "--output-dir", "--error-file", "--local_rank", "-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpo-pipeline", description="Offline DPO pipeline.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="stages:\n" + "\n".join(f"  {k:18s}{v}" for k, v in STAGES.items()))
+    parser = argparse.ArgumentParser(
+        prog="dpo-pipeline",
+        description="Offline DPO pipeline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="stages:\n" + "\n".join(f"  {k:18s}{v}" for k, v in STAGES.items()),
+    )
     # The deepspeed launcher puts --local_rank=N before the stage (LOCAL_RANK is set in the environment too).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
@@ -133,8 +136,12 @@ def _run_stage(args: argparse.Namespace, config: DPOPipelineConfig) -> None:
         run_pipeline(config)
     elif under_launcher() and args.stage == "train" and config.sync_ref_model:
         print(_tr_dpo_in_job(config))
-    elif not under_launcher() and (config.num_processes > 1 or config.num_nodes > 1 or config.launcher == "slurm"
-                                   or (args.stage == "train" and config.sync_ref_model)):
+    elif not under_launcher() and (
+        config.num_processes > 1
+        or config.num_nodes > 1
+        or config.launcher == "slurm"
+        or (args.stage == "train" and config.sync_ref_model)
+    ):
         # TR-DPO is one job for all its windows, even on one process: no launcher and model load per window.
         from pipeline.launch import run_stage
 

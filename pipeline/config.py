@@ -35,11 +35,11 @@ class MixtureDataset(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str                          # a local path or a Hub id
-    config: str | None = None        # the Hub dataset's configuration
+    id: str  # a local path or a Hub id
+    config: str | None = None  # the Hub dataset's configuration
     split: str = "train"
     columns: list[str] | None = None  # the columns kept (null: all)
-    weight: float = 1.0              # the fraction of its rows kept, in (0, 1]
+    weight: float = 1.0  # the fraction of its rows kept, in (0, 1]
 
 
 class DatasetMixture(BaseModel):
@@ -136,7 +136,7 @@ class DPOPipelineConfig(BaseModel):
     # a YAML path or TRL's shipped name; its deepspeed_config section gives the ds_config when `deepspeed` is null.
     accelerate_config: str | None = None
     data_seed: int | None = None  # the data order's seed (null: seed)
-    tf32: bool | None = None      # TF32 matmuls on Ampere+ GPUs (null: on, as for most DPO runs; false: off)
+    tf32: bool | None = None  # TF32 matmuls on Ampere+ GPUs (null: on, as for most DPO runs; false: off)
     # How often to log, evaluate and save (TrainingArguments' strategies): "steps" every *_steps optimizer steps,
     # "epoch" once per epoch, "no" never (null: steps, evaluating also at the end). A *_steps value below 1 is a
     # fraction of the run's steps, as in transformers.
@@ -144,13 +144,13 @@ class DPOPipelineConfig(BaseModel):
     logging_steps: int | float = 1  # a metrics.jsonl line every this many steps
     eval_strategy: Literal["no", "steps", "epoch"] | None = None  # when to evaluate the held-out split
     eval_steps: int | float | None = None  # null with eval_strategy steps: logging_steps, as transformers does
-    eval_on_start: bool = False   # evaluate before the first step (the reference's own margins: all zero)
+    eval_on_start: bool = False  # evaluate before the first step (the reference's own margins: all zero)
     save_strategy: Literal["no", "steps", "epoch"] | None = None  # when to write a checkpoint
     save_steps: int | float | None = None  # a checkpoint every this many steps (null: only when stopped early)
     save_total_limit: int | None = 2  # checkpoints kept (older ones pruned; null: all)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     gradient_checkpointing_kwargs: dict[str, Any] | None = None  # null: {use_reentrant: false}
-    run_name: str | None = None   # a name for the run in logs and the summary (null: the run dir's name)
+    run_name: str | None = None  # a name for the run in logs and the summary (null: the run dir's name)
     # The pipeline's log level in every stage (transformers' names; passive: info on rank 0, warning elsewhere).
     log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] = "passive"
 
@@ -161,7 +161,7 @@ class DPOPipelineConfig(BaseModel):
     # padding mask on torch 2.13, huggingface/trl#7181); "eager", "sdpa", "flash_attention_2", ... as given.
     attn_implementation: str | None = None
     model_revision: str | None = None  # the Hub revision (branch, tag, commit) of model_name_or_path
-    trust_remote_code: bool = False    # let transformers run the model repository's own code
+    trust_remote_code: bool = False  # let transformers run the model repository's own code
     # The dtype the weights are loaded in: must agree with bf16, which decides the training dtype here
     # (null or auto: bf16's; float16 is refused: fp16 training is not supported).
     dtype: Literal["auto", "bfloat16", "float32", "float16"] | None = None
@@ -175,14 +175,14 @@ class DPOPipelineConfig(BaseModel):
     # torchrun and deepspeed run here (one node, or this machine as node `node_rank` of `num_nodes`);
     # slurm submits the job with srun (see the slurm_* fields), from a login node or inside an allocation.
     launcher: Literal["torchrun", "deepspeed", "slurm"] = "torchrun"
-    num_nodes: int = 1         # torchrun: nodes of the job; start the same command on each with its node_rank
-    node_rank: int = 0         # torchrun: this machine's index among num_nodes
+    num_nodes: int = 1  # torchrun: nodes of the job; start the same command on each with its node_rank
+    node_rank: int = 0  # torchrun: this machine's index among num_nodes
     rdzv_endpoint: str | None = None  # torchrun: host:port of node 0 (required with num_nodes > 1)
-    hostfile: str | None = None       # deepspeed launcher: its hostfile (multi-node over pdsh/ssh)
+    hostfile: str | None = None  # deepspeed launcher: its hostfile (multi-node over pdsh/ssh)
     slurm_partition: str | None = None  # launcher slurm: srun --partition
-    slurm_time: str | None = None       # launcher slurm: srun --time, e.g. "04:00:00"
+    slurm_time: str | None = None  # launcher slurm: srun --time, e.g. "04:00:00"
     slurm_gpus_per_node: int | None = None  # launcher slurm: srun --gpus-per-node (null: CPU job)
-    slurm_extra_args: list[str] = []    # launcher slurm: more srun arguments, e.g. ["--account=llm"]
+    slurm_extra_args: list[str] = []  # launcher slurm: more srun arguments, e.g. ["--account=llm"]
     # The reference pass: ZeRO stage 0 (every rank holds the model, no gathers) when the model fits one device
     # with room to spare, ZeRO-3 (sharded, gathered per layer) when it does not; or force one.
     reference_zero_stage: Literal["auto", 0, 3] = "auto"
@@ -229,8 +229,13 @@ class DPOPipelineConfig(BaseModel):
         return v
 
     @field_validator(
-        "ref_model_sync_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-        "gradient_accumulation_steps", "num_processes", "num_nodes", "ddp_timeout",
+        "ref_model_sync_steps",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_processes",
+        "num_nodes",
+        "ddp_timeout",
     )
     @classmethod
     def _positive_int(cls, v: int) -> int:
@@ -368,15 +373,17 @@ FIELD_NAMES = tuple(DPOPipelineConfig.model_fields)
 
 
 def _hint(key: str) -> str:
-    """" (did you mean 'x'?)" for a close misspelling of a field here, else nothing: a key of another library is
+    """ " (did you mean 'x'?)" for a close misspelling of a field here, else nothing: a key of another library is
     never pointed at a field of another meaning (``use_peft`` is not ``use_weighting``)."""
     match = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.85)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def _unknown(key: str) -> str:
-    return (f"unknown key '{key}'{_hint(key)}; `dpo-pipeline config` lists every accepted key (TRL's, "
-            f"TrainingArguments' and alignment-handbook's included)")
+    return (
+        f"unknown key '{key}'{_hint(key)}; `dpo-pipeline config` lists every accepted key (TRL's, "
+        f"TrainingArguments' and alignment-handbook's included)"
+    )
 
 
 def _validation_message(err: ValidationError, source: str) -> str:
@@ -428,8 +435,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(path: str | Path | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> DPOPipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> DPOPipelineConfig:
     """Read a YAML (or JSON) config, apply overrides and validate. Raises ConfigError naming the field.
 
     Keys of TRL's, transformers' and alignment-handbook's configs are accepted as :func:`_carry_over` says;
@@ -459,8 +467,12 @@ def load_config(path: str | Path | None = None,
     except ValidationError as exc:
         raise ConfigError(_validation_message(exc, source)) from None
     if no_effect:
-        log.warning("config %s: %d keys have no effect here and are ignored: %s (docs/trl_keys.md says why)",
-                    source, len(no_effect), ", ".join(sorted(no_effect)))
+        log.warning(
+            "config %s: %d keys have no effect here and are ignored: %s (docs/trl_keys.md says why)",
+            source,
+            len(no_effect),
+            ", ".join(sorted(no_effect)),
+        )
     return config
 
 
@@ -505,8 +517,10 @@ def describe_keys() -> str:
     rows.append("\n# accepted, with no effect here (one warning line lists them)")
     rows += [f"{key}  # {why}" for key, why in sorted(trl_keys.NO_EFFECT.items())]
     rows.append("\n# refused unless set to what switches them off")
-    rows += [f"{key} (accepted: {', '.join(json.dumps(v) for v in accepted) or 'never'})  # {why}"
-             for key, (accepted, why) in sorted(trl_keys.REFUSED.items())]
+    rows += [
+        f"{key} (accepted: {', '.join(json.dumps(v) for v in accepted) or 'never'})  # {why}"
+        for key, (accepted, why) in sorted(trl_keys.REFUSED.items())
+    ]
     return "\n".join(rows)
 
 
@@ -541,11 +555,16 @@ def key_disposition(key: str) -> tuple[str, str]:
 
 def keys_markdown(inventory: dict[str, list[str]]) -> str:
     """docs/trl_keys.md: every key of the inventory (key -> the configs that define it) and what happens to it."""
-    rows = ["# Every TRL / TrainingArguments / alignment-handbook key, and what a config here does with it", "",
-            "Generated by `python -m pipeline.config tests/data/trl_key_inventory.json > docs/trl_keys.md` "
-            "(tests/test_trl_keys.py checks it is current). A key that changes nothing here is accepted and listed "
-            "in one warning line when the config is loaded; a refused key names the reason and what to do.", "",
-            "| key | defined by | here | why / meaning |", "|---|---|---|---|"]
+    rows = [
+        "# Every TRL / TrainingArguments / alignment-handbook key, and what a config here does with it",
+        "",
+        "Generated by `python -m pipeline.config tests/data/trl_key_inventory.json > docs/trl_keys.md` "
+        "(tests/test_trl_keys.py checks it is current). A key that changes nothing here is accepted and listed "
+        "in one warning line when the config is loaded; a refused key names the reason and what to do.",
+        "",
+        "| key | defined by | here | why / meaning |",
+        "|---|---|---|---|",
+    ]
     for key, sources in sorted(inventory.items()):
         what, why = key_disposition(key)
         rows.append(f"| `{key}` | {', '.join(sources)} | {what} | {why.replace('|', '/')} |")
@@ -553,7 +572,6 @@ def keys_markdown(inventory: dict[str, list[str]]) -> str:
     rows += ["", "## Fields of this pipeline only", "", "| key | meaning |", "|---|---|"]
     rows += [f"| `{name}` | {field_help().get(name, '').replace('|', '/')} |" for name in own]
     return "\n".join(rows) + "\n"
-
 
 
 __all__ = ["DPOPipelineConfig", "FIELD_NAMES", "load_config", "parse_override", "save_config"]

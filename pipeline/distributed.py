@@ -33,12 +33,16 @@ def use_device(choice: str) -> None:
     """Pin where this process runs (the config's ``device``): auto, cuda or cpu. Refuses cuda without a GPU."""
     global _device_choice
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: cuda, but CUDA is not usable on {socket.gethostname()} ({_cuda_diagnosis()}); "
-                          f"fix the GPU setup or set device: cpu")
+        raise ConfigError(
+            f"device: cuda, but CUDA is not usable on {socket.gethostname()} ({_cuda_diagnosis()}); "
+            f"fix the GPU setup or set device: cpu"
+        )
     if choice == "auto" and not torch.cuda.is_available() and _gpu_hardware_present():
-        raise ConfigError(f"device: auto found GPU device files on {socket.gethostname()} but CUDA is not usable "
-                          f"({_cuda_diagnosis()}); a GPU job must not fall back to CPU silently: fix the GPU "
-                          f"setup, or set device: cpu to run on CPU")
+        raise ConfigError(
+            f"device: auto found GPU device files on {socket.gethostname()} but CUDA is not usable "
+            f"({_cuda_diagnosis()}); a GPU job must not fall back to CPU silently: fix the GPU "
+            f"setup, or set device: cpu to run on CPU"
+        )
     _device_choice = choice
 
 
@@ -74,22 +78,32 @@ def prepare_environment() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if "LOCAL_RANK" not in os.environ:
             if os.environ["WORLD_SIZE"] != "1":
-                raise ConfigError(f"launcher environment on {socket.gethostname()}: RANK={os.environ['RANK']} and "
-                                  f"WORLD_SIZE={os.environ['WORLD_SIZE']} are set but LOCAL_RANK is not; start "
-                                  f"the job with torchrun, the deepspeed launcher, srun or mpirun")
+                raise ConfigError(
+                    f"launcher environment on {socket.gethostname()}: RANK={os.environ['RANK']} and "
+                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} are set but LOCAL_RANK is not; start "
+                    f"the job with torchrun, the deepspeed launcher, srun or mpirun"
+                )
             os.environ["LOCAL_RANK"] = os.environ["RANK"]  # rank 0 of 1: its own local rank
         return
     if present and NO_LAUNCHER not in os.environ:
         missing = [name for name in ("RANK", "WORLD_SIZE") if name not in present]
-        raise ConfigError(f"launcher environment on {socket.gethostname()}: {', '.join(present)} set but "
-                          f"{', '.join(missing)} not; set all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
-                          f"MASTER_PORT, or start the job with torchrun, the deepspeed launcher, srun or mpirun")
+        raise ConfigError(
+            f"launcher environment on {socket.gethostname()}: {', '.join(present)} set but "
+            f"{', '.join(missing)} not; set all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+            f"MASTER_PORT, or start the job with torchrun, the deepspeed launcher, srun or mpirun"
+        )
     mapped = scheduler_rank_environment(os.environ)
     if mapped:
         os.environ.update(mapped)
         return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()), **{NO_LAUNCHER: "1"})
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()),
+        **{NO_LAUNCHER: "1"},
+    )
 
 
 def init_distributed(config=None) -> None:
@@ -108,9 +122,11 @@ def init_distributed(config=None) -> None:
     if on_gpu():
         local, visible = int(os.environ["LOCAL_RANK"]), gpu_count()
         if local >= visible:
-            raise ConfigError(f"rank {rank()} on {socket.gethostname()}: LOCAL_RANK {local} but only {visible} "
-                              f"GPU(s) visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); "
-                              f"num_processes must be at most the GPUs per node")
+            raise ConfigError(
+                f"rank {rank()} on {socket.gethostname()}: LOCAL_RANK {local} but only {visible} "
+                f"GPU(s) visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); "
+                f"num_processes must be at most the GPUs per node"
+            )
         torch.cuda.set_device(local)
         configure_cuda_numerics(config)
     else:
@@ -176,8 +192,13 @@ def check_ranks_agree(config, *, what: Mapping[str, Any]) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / token).touch()
     token = all_gather_objects(token)[0]
-    mine = {"host": socket.gethostname(), "rank": rank(), "sees_output": (out / token).exists(),
-            "config": json.loads(config.model_copy(update={"node_rank": 0}).to_json()), "what": dict(what)}
+    mine = {
+        "host": socket.gethostname(),
+        "rank": rank(),
+        "sees_output": (out / token).exists(),
+        "config": json.loads(config.model_copy(update={"node_rank": 0}).to_json()),
+        "what": dict(what),
+    }
     everyone = all_gather_objects(mine)
     barrier()
     if is_main_process():
@@ -186,18 +207,26 @@ def check_ranks_agree(config, *, what: Mapping[str, Any]) -> None:
     for other in everyone[1:]:
         where = f"rank {other['rank']} on {other['host']}"
         if not other["sees_output"]:
-            raise ConfigError(f"{where} does not see output_dir {out} as rank 0 on {main['host']} does: output_dir "
-                              f"must be on storage shared by every node")
-        diff = sorted(k for k in set(main["config"]) | set(other["config"])
-                      if main["config"].get(k) != other["config"].get(k))
+            raise ConfigError(
+                f"{where} does not see output_dir {out} as rank 0 on {main['host']} does: output_dir "
+                f"must be on storage shared by every node"
+            )
+        diff = sorted(
+            k for k in set(main["config"]) | set(other["config"]) if main["config"].get(k) != other["config"].get(k)
+        )
         if diff:
-            raise ConfigError(f"{where} runs another config than rank 0 on {main['host']}: "
-                              + "; ".join(f"{k}={other['config'].get(k)!r} there, {main['config'].get(k)!r} on rank 0"
-                                          for k in diff[:4]))
+            raise ConfigError(
+                f"{where} runs another config than rank 0 on {main['host']}: "
+                + "; ".join(
+                    f"{k}={other['config'].get(k)!r} there, {main['config'].get(k)!r} on rank 0" for k in diff[:4]
+                )
+            )
         diff = sorted(k for k in main["what"] if main["what"][k] != other["what"].get(k))
         if diff:
-            raise ConfigError(f"{where} sees other artifacts than rank 0 on {main['host']} ({', '.join(diff)} "
-                              f"differ): every node must read the same output_dir, dataset and model")
+            raise ConfigError(
+                f"{where} sees other artifacts than rank 0 on {main['host']} ({', '.join(diff)} "
+                f"differ): every node must read the same output_dir, dataset and model"
+            )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def user_ds_config(config) -> dict[str, Any]:
     """The ds_config as the user gave it, before any ``"auto"`` is filled: ``deepspeed``'s JSON, the one an
     ``accelerate_config`` gives, or ZeRO stage 0 (plain data parallel) when neither is set."""
     if config.deepspeed and config.accelerate_config:
-        raise ConfigError(f"deepspeed ({config.deepspeed}) and accelerate_config ({config.accelerate_config}) are both "
-                          f"set; keep one (an accelerate config names its JSON with deepspeed_config_file)")
+        raise ConfigError(
+            f"deepspeed ({config.deepspeed}) and accelerate_config ({config.accelerate_config}) are both "
+            f"set; keep one (an accelerate config names its JSON with deepspeed_config_file)"
+        )
     if config.accelerate_config:
         return _from_accelerate(config)
     return load_ds_config(config.resolve_path(config.deepspeed))
@@ -71,21 +73,64 @@ def _where(config) -> str:
 
 # ---------------------------------------------------------------------------------------------- accelerate
 # accelerate's ClusterConfig fields (1.15): any other top-level key makes `accelerate launch` refuse the file.
-ACCELERATE_KEYS = frozenset({
-    "command_file", "commands", "compute_environment", "debug", "deepspeed_config", "distributed_type",
-    "downcast_bf16", "dynamo_config", "enable_cpu_affinity", "fp8_config", "fsdp_config", "gpu_ids", "machine_rank",
-    "main_process_ip", "main_process_port", "main_training_function", "megatron_lm_config", "mixed_precision",
-    "mpirun_config", "num_machines", "num_processes", "parallelism_config", "rdzv_backend", "same_network",
-    "tpu_env", "tpu_name", "tpu_use_cluster", "tpu_use_sudo", "tpu_vm", "tpu_zone", "use_cpu",
-})
+ACCELERATE_KEYS = frozenset(
+    {
+        "command_file",
+        "commands",
+        "compute_environment",
+        "debug",
+        "deepspeed_config",
+        "distributed_type",
+        "downcast_bf16",
+        "dynamo_config",
+        "enable_cpu_affinity",
+        "fp8_config",
+        "fsdp_config",
+        "gpu_ids",
+        "machine_rank",
+        "main_process_ip",
+        "main_process_port",
+        "main_training_function",
+        "megatron_lm_config",
+        "mixed_precision",
+        "mpirun_config",
+        "num_machines",
+        "num_processes",
+        "parallelism_config",
+        "rdzv_backend",
+        "same_network",
+        "tpu_env",
+        "tpu_name",
+        "tpu_use_cluster",
+        "tpu_use_sudo",
+        "tpu_vm",
+        "tpu_zone",
+        "use_cpu",
+    }
+)
 # deepspeed_config keys that become the ds_config; the launch ones (hostfile, multinode launcher, filters) and
 # zero3_init_flag (a ZeRO-3 model is always loaded partitioned here) have nothing to set in it.
-_ACCELERATE_DS_SETTINGS = ("zero_stage", "offload_optimizer_device", "offload_param_device",
-                           "offload_optimizer_nvme_path", "offload_param_nvme_path", "gradient_accumulation_steps",
-                           "gradient_clipping", "zero3_save_16bit_model")
-_ACCELERATE_DS_KEYS = frozenset({*_ACCELERATE_DS_SETTINGS, "deepspeed_config_file", "zero3_init_flag",
-                                 "deepspeed_hostfile", "deepspeed_multinode_launcher", "deepspeed_inclusion_filter",
-                                 "deepspeed_exclusion_filter"})
+_ACCELERATE_DS_SETTINGS = (
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_param_device",
+    "offload_optimizer_nvme_path",
+    "offload_param_nvme_path",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero3_save_16bit_model",
+)
+_ACCELERATE_DS_KEYS = frozenset(
+    {
+        *_ACCELERATE_DS_SETTINGS,
+        "deepspeed_config_file",
+        "zero3_init_flag",
+        "deepspeed_hostfile",
+        "deepspeed_multinode_launcher",
+        "deepspeed_inclusion_filter",
+        "deepspeed_exclusion_filter",
+    }
+)
 _TRL_NOT_DEEPSPEED = {"fsdp1": "FSDP", "fsdp2": "FSDP", "multi_gpu": "MULTI_GPU"}
 
 
@@ -99,9 +144,11 @@ def _accelerate_path(config) -> Path:
     if shipped.is_file():
         return shipped
     if value in _TRL_NOT_DEEPSPEED:
-        raise ConfigError(f"accelerate_config: TRL's '{value}' is a {_TRL_NOT_DEEPSPEED[value]} config; this "
-                          f"pipeline runs DeepSpeed: use zero1 / zero2 / zero3, or a ds_config (deepspeed: "
-                          f"configs/ds_zero3.json)")
+        raise ConfigError(
+            f"accelerate_config: TRL's '{value}' is a {_TRL_NOT_DEEPSPEED[value]} config; this "
+            f"pipeline runs DeepSpeed: use zero1 / zero2 / zero3, or a ds_config (deepspeed: "
+            f"configs/ds_zero3.json)"
+        )
     names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
     raise ConfigError(f"accelerate_config: {path} not found, and '{value}' is not one of TRL's shipped names ({names})")
 
@@ -118,21 +165,29 @@ def _from_accelerate(config) -> dict[str, Any]:
         raise ConfigError(f"{where} must be a mapping (an accelerate config), got {type(raw).__name__}")
     for key in raw:
         if key not in ACCELERATE_KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}' (accelerate refuses it too; did you mean "
-                              f"'{_closest(key, ACCELERATE_KEYS)}'?)")
+            raise ConfigError(
+                f"{where}: unknown key '{key}' (accelerate refuses it too; did you mean "
+                f"'{_closest(key, ACCELERATE_KEYS)}'?)"
+            )
     kind = raw.get("distributed_type")
     if kind == "FSDP":
-        raise ConfigError(f"{where}: distributed_type: FSDP; this pipeline shards with DeepSpeed ZeRO: set deepspeed: "
-                          f"configs/ds_zero3.json (FULL_SHARD's equivalent; ds_zero2.json for SHARD_GRAD_OP) and drop "
-                          f"accelerate_config")
+        raise ConfigError(
+            f"{where}: distributed_type: FSDP; this pipeline shards with DeepSpeed ZeRO: set deepspeed: "
+            f"configs/ds_zero3.json (FULL_SHARD's equivalent; ds_zero2.json for SHARD_GRAD_OP) and drop "
+            f"accelerate_config"
+        )
     if kind != "DEEPSPEED":
-        raise ConfigError(f"{where}: distributed_type: {kind}; only DEEPSPEED configs are read: drop accelerate_config "
-                          f"for plain data parallel (ZeRO stage 0, num_processes: N), or use zero1 / zero2 / zero3")
+        raise ConfigError(
+            f"{where}: distributed_type: {kind}; only DEEPSPEED configs are read: drop accelerate_config "
+            f"for plain data parallel (ZeRO stage 0, num_processes: N), or use zero1 / zero2 / zero3"
+        )
     settings = raw.get("deepspeed_config") or {}
     for key in settings:
         if key not in _ACCELERATE_DS_KEYS:
-            raise ConfigError(f"{where}: deepspeed_config.{key} is not read here (accelerate's keys: "
-                              f"{', '.join(sorted(_ACCELERATE_DS_KEYS))}); remove it")
+            raise ConfigError(
+                f"{where}: deepspeed_config.{key} is not read here (accelerate's keys: "
+                f"{', '.join(sorted(_ACCELERATE_DS_KEYS))}); remove it"
+            )
     if settings.get("deepspeed_config_file"):
         ds = _accelerate_with_file(config, settings, where)
     else:
@@ -145,13 +200,17 @@ def _accelerate_with_file(config, settings: dict, where: str) -> dict[str, Any]:
     """accelerate with ``deepspeed_config_file``: that JSON; its ``"auto"`` ZeRO settings take the plugin's defaults."""
     clash = [key for key in settings if key in _ACCELERATE_DS_SETTINGS]
     if clash:
-        raise ConfigError(f"{where}: deepspeed_config sets {', '.join(clash)} beside deepspeed_config_file; accelerate "
-                          f"refuses that (they would be ignored): set them in the JSON instead")
+        raise ConfigError(
+            f"{where}: deepspeed_config sets {', '.join(clash)} beside deepspeed_config_file; accelerate "
+            f"refuses that (they would be ignored): set them in the JSON instead"
+        )
     ds = load_ds_config(config.resolve_path(settings["deepspeed_config_file"]))
     zero = ds.get("zero_optimization")
     if not isinstance(zero, dict):
-        raise ConfigError(f"{where}: its deepspeed_config_file has no zero_optimization section, which accelerate "
-                          f"requires; add one (e.g. {{\"stage\": 2}})")
+        raise ConfigError(
+            f"{where}: its deepspeed_config_file has no zero_optimization section, which accelerate "
+            f'requires; add one (e.g. {{"stage": 2}})'
+        )
     defaults = {"stage": 2, "stage3_gather_16bit_weights_on_model_save": False}
     for key, value in defaults.items():
         if zero.get(key) == "auto":
@@ -172,8 +231,9 @@ def _accelerate_synthesised(settings: dict, where: str) -> dict[str, Any]:
     for part in ("optimizer", "param"):
         device = str(settings.get(f"offload_{part}_device", "none"))
         if device not in ("none", "cpu", "nvme"):
-            raise ConfigError(f"{where}: deepspeed_config.offload_{part}_device must be none, cpu or nvme, "
-                              f"got {device!r}")
+            raise ConfigError(
+                f"{where}: deepspeed_config.offload_{part}_device must be none, cpu or nvme, got {device!r}"
+            )
         zero[f"offload_{part}"] = {"device": device}
         if device == "nvme":
             zero[f"offload_{part}"]["nvme_path"] = settings.get(f"offload_{part}_nvme_path")
@@ -197,9 +257,11 @@ def _accelerate_mixed_precision(ds: dict, mixed_precision, config, where: str) -
     if mode not in ("no", "bf16", "fp16"):
         raise ConfigError(f"{where}: mixed_precision: {mode} is not supported here; use bf16 (bf16: true) or 'no'")
     if (mode == "bf16") != bool(config.bf16):
-        raise ConfigError(f"{where}: mixed_precision: {mode} but the config has bf16: "
-                          f"{str(bool(config.bf16)).lower()}; make them agree (bf16: true with mixed_precision: "
-                          f"bf16, bf16: false with 'no')")
+        raise ConfigError(
+            f"{where}: mixed_precision: {mode} but the config has bf16: "
+            f"{str(bool(config.bf16)).lower()}; make them agree (bf16: true with mixed_precision: "
+            f"bf16, bf16: false with 'no')"
+        )
     if mode == "no":
         return
     other = "fp16" if mode == "bf16" else "bf16"
@@ -213,31 +275,68 @@ def _accelerate_mixed_precision(ds: dict, mixed_precision, config, where: str) -
 # TrainingArguments' optimizer names (transformers 5.23 OptimizerNames) the training recipe builds, as the HF Trainer
 # does (pipeline/train/stage.py); every other one is refused with its reason.
 OPTIMS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
-_ZERO_STATES = ("ZeRO partitions optimizer states across ranks already (ZeRO-1/2/3 in a ds_config, with "
-                "offload_optimizer to cpu/nvme for more)")
+_ZERO_STATES = (
+    "ZeRO partitions optimizer states across ranks already (ZeRO-1/2/3 in a ds_config, with "
+    "offload_optimizer to cpu/nvme for more)"
+)
 _REFUSED_OPTIMS = {
-    **dict.fromkeys(("adamw_torch_xla", "adamw_torch_npu_fused"), "runs on TPU (torch_xla) / Ascend NPU devices, "
-                    "which DeepSpeed jobs here do not: use adamw_torch_fused"),
+    **dict.fromkeys(
+        ("adamw_torch_xla", "adamw_torch_npu_fused"),
+        "runs on TPU (torch_xla) / Ascend NPU devices, which DeepSpeed jobs here do not: use adamw_torch_fused",
+    ),
     "adamw_anyprecision": "needs torchdistx's AnyPrecisionAdamW: use adamw_torch_fused with bf16: true",
-    **dict.fromkeys(("adamw_torch_4bit", "adamw_torch_8bit"), f"keeps torchao low-bit states; {_ZERO_STATES}: use "
-                    f"adamw_torch_fused"),
-    **dict.fromkeys(("adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit",
-                     "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
-                     "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
-                    f"is a bitsandbytes optimizer (quantized or paged states, not installed here); {_ZERO_STATES}: "
-                    f"use adamw_torch_fused (or rmsprop), or a ds_config optimizer section ({{\"type\": \"Lion\"}} "
-                    f"for Lion)"),
-    **dict.fromkeys(("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
-                     "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw",
-                     "apollo_adamw_layerwise"), "projects each weight matrix's gradient, which needs whole matrices, "
-                    "not ZeRO's flat partitions: use adamw_torch_fused with ZeRO-3 (+ offload) for the memory"),
-    **dict.fromkeys(("lomo", "adalomo"), "updates weights inside the backward pass instead of DeepSpeed's step: "
-                    "use adamw_torch_fused or sgd"),
-    **dict.fromkeys(("grokadamw", "stable_adamw"), "needs a third-party package not installed here: use "
-                    "adamw_torch_fused"),
-    **dict.fromkeys(("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"), "needs the optimizer "
-                    "switched between train and eval modes and no LR schedule, which the recipe does not do: use "
-                    "adamw_torch_fused with lr_scheduler_type constant_with_warmup"),
+    **dict.fromkeys(
+        ("adamw_torch_4bit", "adamw_torch_8bit"), f"keeps torchao low-bit states; {_ZERO_STATES}: use adamw_torch_fused"
+    ),
+    **dict.fromkeys(
+        (
+            "adamw_bnb_8bit",
+            "adamw_8bit",
+            "ademamix",
+            "ademamix_8bit",
+            "lion_8bit",
+            "lion_32bit",
+            "paged_adamw_32bit",
+            "paged_adamw_8bit",
+            "paged_ademamix_32bit",
+            "paged_ademamix_8bit",
+            "paged_lion_32bit",
+            "paged_lion_8bit",
+            "rmsprop_bnb",
+            "rmsprop_bnb_8bit",
+            "rmsprop_bnb_32bit",
+        ),
+        f"is a bitsandbytes optimizer (quantized or paged states, not installed here); {_ZERO_STATES}: "
+        f'use adamw_torch_fused (or rmsprop), or a ds_config optimizer section ({{"type": "Lion"}} '
+        f"for Lion)",
+    ),
+    **dict.fromkeys(
+        (
+            "galore_adamw",
+            "galore_adamw_8bit",
+            "galore_adafactor",
+            "galore_adamw_layerwise",
+            "galore_adamw_8bit_layerwise",
+            "galore_adafactor_layerwise",
+            "apollo_adamw",
+            "apollo_adamw_layerwise",
+        ),
+        "projects each weight matrix's gradient, which needs whole matrices, "
+        "not ZeRO's flat partitions: use adamw_torch_fused with ZeRO-3 (+ offload) for the memory",
+    ),
+    **dict.fromkeys(
+        ("lomo", "adalomo"),
+        "updates weights inside the backward pass instead of DeepSpeed's step: use adamw_torch_fused or sgd",
+    ),
+    **dict.fromkeys(
+        ("grokadamw", "stable_adamw"), "needs a third-party package not installed here: use adamw_torch_fused"
+    ),
+    **dict.fromkeys(
+        ("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"),
+        "needs the optimizer "
+        "switched between train and eval modes and no LR schedule, which the recipe does not do: use "
+        "adamw_torch_fused with lr_scheduler_type constant_with_warmup",
+    ),
 }
 
 # transformers 5.23 SchedulerType names that run without eval metrics, with the scheduler_specific_kwargs
@@ -252,8 +351,10 @@ LR_SCHEDULERS: dict[str, dict[str, tuple[str, ...]]] = {
     "inverse_sqrt": {"accepts": ("timescale",)},
     "cosine_with_min_lr": {"accepts": ("num_cycles", "min_lr", "min_lr_rate")},
     "cosine_warmup_with_min_lr": {"accepts": ("num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate")},
-    "warmup_stable_decay": {"accepts": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type",
-                                        "min_lr_ratio", "num_cycles"), "required": ("num_decay_steps",)},
+    "warmup_stable_decay": {
+        "accepts": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio", "num_cycles"),
+        "required": ("num_decay_steps",),
+    },
 }
 _NEEDS_METRICS = ("reduce_lr_on_plateau", "greedy")
 
@@ -272,10 +373,13 @@ def check_lr_scheduler_type(name: str) -> None:
     if name in LR_SCHEDULERS:
         return
     if name in _NEEDS_METRICS:
-        raise ConfigError(f"'{name}' steps on evaluation metrics, which the recipe does not feed its schedule; use "
-                          f"cosine, cosine_with_min_lr or constant_with_warmup")
-    raise ConfigError(f"unknown schedule; one of {', '.join(LR_SCHEDULERS)} "
-                      f"(did you mean '{_closest(name, LR_SCHEDULERS)}'?)")
+        raise ConfigError(
+            f"'{name}' steps on evaluation metrics, which the recipe does not feed its schedule; use "
+            f"cosine, cosine_with_min_lr or constant_with_warmup"
+        )
+    raise ConfigError(
+        f"unknown schedule; one of {', '.join(LR_SCHEDULERS)} (did you mean '{_closest(name, LR_SCHEDULERS)}'?)"
+    )
 
 
 def num_warmup_steps(config, num_training_steps: int) -> int:
@@ -287,24 +391,33 @@ def num_warmup_steps(config, num_training_steps: int) -> int:
 
 def _check_schedule(config) -> None:
     if config.warmup_steps and config.warmup_ratio:
-        raise ConfigError(f"warmup_steps ({config.warmup_steps}) and warmup_ratio ({config.warmup_ratio}) are both "
-                          f"set; keep one (warmup_steps below 1 is a ratio of the steps, as in transformers >= 5.15)")
+        raise ConfigError(
+            f"warmup_steps ({config.warmup_steps}) and warmup_ratio ({config.warmup_ratio}) are both "
+            f"set; keep one (warmup_steps below 1 is a ratio of the steps, as in transformers >= 5.15)"
+        )
     spec, kwargs = LR_SCHEDULERS[config.lr_scheduler_type], config.lr_scheduler_kwargs
     for key in kwargs:
         if key not in spec["accepts"]:
             accepted = ", ".join(spec["accepts"]) or "none"
-            raise ConfigError(f"lr_scheduler_kwargs: {config.lr_scheduler_type} takes no '{key}' (it accepts: "
-                              f"{accepted}); remove it or change lr_scheduler_type")
+            raise ConfigError(
+                f"lr_scheduler_kwargs: {config.lr_scheduler_type} takes no '{key}' (it accepts: "
+                f"{accepted}); remove it or change lr_scheduler_type"
+            )
     for key in spec.get("required", ()):
         if key not in kwargs:
-            raise ConfigError(f"lr_scheduler_kwargs: {config.lr_scheduler_type} needs '{key}', e.g. "
-                              f"lr_scheduler_kwargs: {{{key}: 100}}")
+            raise ConfigError(
+                f"lr_scheduler_kwargs: {config.lr_scheduler_type} needs '{key}', e.g. "
+                f"lr_scheduler_kwargs: {{{key}: 100}}"
+            )
     if "min_lr" in spec["accepts"] and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
-        raise ConfigError(f"lr_scheduler_kwargs: {config.lr_scheduler_type} needs exactly one of min_lr and "
-                          f"min_lr_rate, e.g. {{min_lr_rate: 0.1}}")
+        raise ConfigError(
+            f"lr_scheduler_kwargs: {config.lr_scheduler_type} needs exactly one of min_lr and "
+            f"min_lr_rate, e.g. {{min_lr_rate: 0.1}}"
+        )
     if "lr_end" in kwargs and kwargs["lr_end"] >= config.learning_rate:  # transformers refuses it at the first step
-        raise ConfigError(f"lr_scheduler_kwargs: lr_end ({kwargs['lr_end']}) must be below learning_rate "
-                          f"({config.learning_rate})")
+        raise ConfigError(
+            f"lr_scheduler_kwargs: lr_end ({kwargs['lr_end']}) must be below learning_rate ({config.learning_rate})"
+        )
     for key in ("warmup_type", "decay_type"):
         if key in kwargs and kwargs[key] not in ("linear", "cosine", "1-sqrt"):
             raise ConfigError(f"lr_scheduler_kwargs: {key} must be linear, cosine or 1-sqrt, got {kwargs[key]!r}")
@@ -312,8 +425,23 @@ def _check_schedule(config) -> None:
 
 # DeepSpeed's own optimizer names (0.19.8, matched case-insensitively); any other type is looked up in torch.optim.
 _DS_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
-_TORCH_OPTIMIZERS = ("ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam",
-                     "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam")  # torch 2.13
+_TORCH_OPTIMIZERS = (
+    "ASGD",
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "LBFGS",
+    "Muon",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SGD",
+    "SparseAdam",
+)  # torch 2.13
 _REQUIRED = object()
 # DeepSpeed's schedulers (deepspeed.runtime.lr_schedules, 0.19.8): each one's parameters and defaults.
 _WARMUP = {"warmup_num_steps": 1000, "warmup_type": "log", "last_batch_iteration": -1}
@@ -321,22 +449,52 @@ DS_SCHEDULERS: dict[str, dict[str, Any]] = {
     "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": None, **_WARMUP},
     "WarmupDecayLR": {"total_num_steps": _REQUIRED, "warmup_min_lr": 0.0, "warmup_max_lr": 0.001, **_WARMUP},
     "WarmupCosineLR": {"total_num_steps": _REQUIRED, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0001, **_WARMUP},
-    "OneCycle": {"cycle_min_lr": _REQUIRED, "cycle_max_lr": _REQUIRED, "decay_lr_rate": 0.0,
-                 "cycle_first_step_size": 2000, "cycle_second_step_size": None, "cycle_first_stair_count": 0,
-                 "cycle_second_stair_count": None, "decay_step_size": 0, "cycle_momentum": True, "cycle_min_mom": 0.8,
-                 "cycle_max_mom": 0.9, "decay_mom_rate": 0.0, "last_batch_iteration": -1},
-    "LRRangeTest": {"lr_range_test_min_lr": 0.001, "lr_range_test_step_size": 2000, "lr_range_test_step_rate": 1.0,
-                    "lr_range_test_staircase": False, "last_batch_iteration": -1},
+    "OneCycle": {
+        "cycle_min_lr": _REQUIRED,
+        "cycle_max_lr": _REQUIRED,
+        "decay_lr_rate": 0.0,
+        "cycle_first_step_size": 2000,
+        "cycle_second_step_size": None,
+        "cycle_first_stair_count": 0,
+        "cycle_second_stair_count": None,
+        "decay_step_size": 0,
+        "cycle_momentum": True,
+        "cycle_min_mom": 0.8,
+        "cycle_max_mom": 0.9,
+        "decay_mom_rate": 0.0,
+        "last_batch_iteration": -1,
+    },
+    "LRRangeTest": {
+        "lr_range_test_min_lr": 0.001,
+        "lr_range_test_step_size": 2000,
+        "lr_range_test_step_rate": 1.0,
+        "lr_range_test_staircase": False,
+        "last_batch_iteration": -1,
+    },
 }
 # Every "auto" the HF Trainer fills (and so this pipeline): any other "auto" would reach DeepSpeed as a string.
-FILLED_AUTO = frozenset({
-    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping",
-    "bf16.enabled", "fp16.enabled", "zero_optimization.overlap_comm", "zero_optimization.reduce_bucket_size",
-    "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
-    "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay",
-    "scheduler.params.warmup_min_lr", "scheduler.params.warmup_max_lr", "scheduler.params.warmup_num_steps",
-    "scheduler.params.total_num_steps",
-})
+FILLED_AUTO = frozenset(
+    {
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+        "gradient_clipping",
+        "bf16.enabled",
+        "fp16.enabled",
+        "zero_optimization.overlap_comm",
+        "zero_optimization.reduce_bucket_size",
+        "zero_optimization.stage3_prefetch_bucket_size",
+        "zero_optimization.stage3_param_persistence_threshold",
+        "optimizer.params.lr",
+        "optimizer.params.betas",
+        "optimizer.params.eps",
+        "optimizer.params.weight_decay",
+        "scheduler.params.warmup_min_lr",
+        "scheduler.params.warmup_max_lr",
+        "scheduler.params.warmup_num_steps",
+        "scheduler.params.total_num_steps",
+    }
+)
 
 
 def check_config(config) -> None:
@@ -353,20 +511,25 @@ def check_config(config) -> None:
     if "scheduler" in ds:
         _check_scheduler_section(ds["scheduler"], where)
     if _adagrad_under_zero(ds, config):
-        raise ConfigError(f"{where}: Adagrad under ZeRO stage {stage}: DeepSpeed replaces it with a new Adagrad over "
-                          f"its partitions, in one parameter group, which the LR schedule no longer reaches (nor the "
-                          f"no-decay group); use ZeRO stage 0 (no ds_config) for Adagrad, or another optim")
+        raise ConfigError(
+            f"{where}: Adagrad under ZeRO stage {stage}: DeepSpeed replaces it with a new Adagrad over "
+            f"its partitions, in one parameter group, which the LR schedule no longer reaches (nor the "
+            f"no-decay group); use ZeRO stage 0 (no ds_config) for Adagrad, or another optim"
+        )
     unfilled = [path for path in _auto_paths(ds) if path not in FILLED_AUTO]
     if unfilled:
-        raise ConfigError(f"{where}: {unfilled[0]} is \"auto\", which the HF Trainer never fills (nor does this "
-                          f"pipeline); set a value")
+        raise ConfigError(
+            f'{where}: {unfilled[0]} is "auto", which the HF Trainer never fills (nor does this pipeline); set a value'
+        )
     fp16, bf16 = (ds.get(name, {}).get("enabled") is True for name in ("fp16", "bf16"))
     if fp16 and bf16:
         raise ConfigError(f"{where}: fp16.enabled and bf16.enabled are both true; enable one")
     if fp16 and _no_cuda_for_jobs(config):
-        raise ConfigError(f"{where}: fp16.enabled is true but the stage jobs run without CUDA here (device: "
-                          f"{config.device}), and DeepSpeed has no fp16 on CPU; set fp16.enabled to false (or "
-                          f"\"auto\") and use bf16: true, or fp32")
+        raise ConfigError(
+            f"{where}: fp16.enabled is true but the stage jobs run without CUDA here (device: "
+            f"{config.device}), and DeepSpeed has no fp16 on CPU; set fp16.enabled to false (or "
+            f'"auto") and use bf16: true, or fp32'
+        )
     _fill_from_config(copy.deepcopy(ds), config, where)  # explicit values that disagree with the config
 
 
@@ -391,39 +554,54 @@ def _check_optimizer_section(section: dict, where: str) -> None:
     kind = section.get("type")
     if not isinstance(kind, str) or (kind.lower() not in _DS_OPTIMIZERS and kind not in _TORCH_OPTIMIZERS):
         known = ("Adam", "AdamW", "Adagrad", "Lamb", "Lion", "Muon", *_TORCH_OPTIMIZERS)
-        raise ConfigError(f"{where}: optimizer.type {kind!r} is not an optimizer DeepSpeed knows (did you mean "
-                          f"'{_closest(str(kind), known)}'?); fix it, or drop the section to use the config's optim")
+        raise ConfigError(
+            f"{where}: optimizer.type {kind!r} is not an optimizer DeepSpeed knows (did you mean "
+            f"'{_closest(str(kind), known)}'?); fix it, or drop the section to use the config's optim"
+        )
     if "max_grad_norm" in section.get("params", {}):
-        raise ConfigError(f"{where}: optimizer.params.max_grad_norm is refused by DeepSpeed; remove it and set "
-                          f"gradient_clipping (\"auto\": the config's max_grad_norm)")
+        raise ConfigError(
+            f"{where}: optimizer.params.max_grad_norm is refused by DeepSpeed; remove it and set "
+            f'gradient_clipping ("auto": the config\'s max_grad_norm)'
+        )
 
 
 def _check_scheduler_section(section: dict, where: str) -> None:
     kind = section.get("type")
     if kind not in DS_SCHEDULERS:
-        raise ConfigError(f"{where}: scheduler.type {kind!r} is not one of DeepSpeed's schedulers "
-                          f"({', '.join(DS_SCHEDULERS)}); fix it, or drop the section and set lr_scheduler_type "
-                          f"(transformers' schedules)")
+        raise ConfigError(
+            f"{where}: scheduler.type {kind!r} is not one of DeepSpeed's schedulers "
+            f"({', '.join(DS_SCHEDULERS)}); fix it, or drop the section and set lr_scheduler_type "
+            f"(transformers' schedules)"
+        )
     accepted = DS_SCHEDULERS[kind]
     params = section.get("params", {})
     for key, value in params.items():
         if key not in accepted:
-            hint = (" (it scales the optimizer's lr by ratios: use warmup_min_ratio / cos_min_ratio)"
-                    if kind == "WarmupCosineLR" and key in ("warmup_min_lr", "warmup_max_lr") else "")
-            raise ConfigError(f"{where}: scheduler.params.{key}: {kind} takes no such parameter{hint}; remove it "
-                              f"({kind} accepts {', '.join(accepted)})")
+            hint = (
+                " (it scales the optimizer's lr by ratios: use warmup_min_ratio / cos_min_ratio)"
+                if kind == "WarmupCosineLR" and key in ("warmup_min_lr", "warmup_max_lr")
+                else ""
+            )
+            raise ConfigError(
+                f"{where}: scheduler.params.{key}: {kind} takes no such parameter{hint}; remove it "
+                f"({kind} accepts {', '.join(accepted)})"
+            )
         if value == "auto" and f"scheduler.params.{key}" not in FILLED_AUTO:
             default = "none: it is required" if accepted[key] is _REQUIRED else repr(accepted[key])
-            raise ConfigError(f"{where}: scheduler.params.{key} is \"auto\", which the HF Trainer never fills (nor "
-                              f"does this pipeline); set a value (DeepSpeed's default: {default})")
+            raise ConfigError(
+                f'{where}: scheduler.params.{key} is "auto", which the HF Trainer never fills (nor '
+                f"does this pipeline); set a value (DeepSpeed's default: {default})"
+            )
     for key, default in accepted.items():
         if default is _REQUIRED and key not in params:
-            hint = " (\"auto\": the run's number of optimizer steps)" if key == "total_num_steps" else ""
+            hint = ' ("auto": the run\'s number of optimizer steps)' if key == "total_num_steps" else ""
             raise ConfigError(f"{where}: scheduler.params.{key} is required by {kind}; add it{hint}")
     steps = params.get("warmup_num_steps", "auto")
     if steps != "auto" and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
-        raise ConfigError(f"{where}: scheduler.params.warmup_num_steps must be a positive integer (DeepSpeed refuses "
-                          f"{steps!r}); set one, or \"auto\" (warmup_steps / warmup_ratio)")
+        raise ConfigError(
+            f"{where}: scheduler.params.warmup_num_steps must be a positive integer (DeepSpeed refuses "
+            f'{steps!r}); set one, or "auto" (warmup_steps / warmup_ratio)'
+        )
     if params.get("warmup_type", "log") not in ("log", "linear"):
         raise ConfigError(f"{where}: scheduler.params.warmup_type must be log or linear, got {params['warmup_type']!r}")
 
@@ -458,10 +636,13 @@ def _fill(ds: dict, dotted: str, value: Any, source: str, where: str, *, require
         return
     if current == "auto":
         node[leaf] = value
-    elif current != value and not (isinstance(value, float) and isinstance(current, int | float)
-                                   and abs(current - value) <= 1e-12 * abs(value)):
-        raise ConfigError(f"{where}: sets {dotted}={current!r} but the config's {source} gives {value!r}; set it to "
-                          f"\"auto\" or make them agree")
+    elif current != value and not (
+        isinstance(value, float) and isinstance(current, int | float) and abs(current - value) <= 1e-12 * abs(value)
+    ):
+        raise ConfigError(
+            f"{where}: sets {dotted}={current!r} but the config's {source} gives {value!r}; set it to "
+            f'"auto" or make them agree'
+        )
 
 
 def _fill_from_config(ds: dict, config, where: str) -> None:
@@ -470,8 +651,9 @@ def _fill_from_config(ds: dict, config, where: str) -> None:
     if ds.get("fp16", {}).get("enabled") == "auto":
         ds["fp16"]["enabled"] = False  # the HF Trainer's `fp16`, which this config does not have
     _fill(ds, "bf16.enabled", bool(config.bf16), "bf16", where)
-    _fill(ds, "train_micro_batch_size_per_gpu", config.per_device_train_batch_size, "per_device_train_batch_size",
-          where)
+    _fill(
+        ds, "train_micro_batch_size_per_gpu", config.per_device_train_batch_size, "per_device_train_batch_size", where
+    )
     _fill(ds, "gradient_accumulation_steps", config.gradient_accumulation_steps, "gradient_accumulation_steps", where)
     _fill(ds, "gradient_clipping", config.max_grad_norm, "max_grad_norm", where)
     if "optimizer" in ds:
@@ -509,8 +691,15 @@ def model_hidden_size(model_dir: str | Path) -> int | None:
     return None
 
 
-def resolve_ds_config(config, *, world: int, gpu: bool, hidden_size: int | None,
-                      num_training_steps: int | None = None, inference: bool = False) -> dict[str, Any]:
+def resolve_ds_config(
+    config,
+    *,
+    world: int,
+    gpu: bool,
+    hidden_size: int | None,
+    num_training_steps: int | None = None,
+    inference: bool = False,
+) -> dict[str, Any]:
     """The ds_config a DeepSpeed engine gets: every ``"auto"`` filled from ``config``, explicit values checked.
 
     Training: micro batch, gradient accumulation, global batch, clipping, bf16, ZeRO bucket sizes (from
@@ -524,8 +713,13 @@ def resolve_ds_config(config, *, world: int, gpu: bool, hidden_size: int | None,
         raise ConfigError(f"{where}: fp16 is not supported on CPU; use bf16 or fp32")
     if inference:
         # DeepSpeed requires a batch size even for inference; the training-only sections are dropped.
-        for key in ("optimizer", "scheduler", "gradient_accumulation_steps", "train_batch_size",
-                    "train_micro_batch_size_per_gpu"):
+        for key in (
+            "optimizer",
+            "scheduler",
+            "gradient_accumulation_steps",
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+        ):
             ds.pop(key, None)
     _fill_from_config(ds, config, where)
     _fill_bucket_sizes(ds, hidden_size, config, where)
@@ -539,15 +733,32 @@ def resolve_ds_config(config, *, world: int, gpu: bool, hidden_size: int | None,
         ds["gradient_accumulation_steps"] = 1
         return ds
     micro, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    _fill(ds, "train_batch_size", micro * accum * world,
-          "per_device_train_batch_size x gradient_accumulation_steps x num_processes", where)
+    _fill(
+        ds,
+        "train_batch_size",
+        micro * accum * world,
+        "per_device_train_batch_size x gradient_accumulation_steps x num_processes",
+        where,
+    )
     if "scheduler" in ds:
         if num_training_steps is None:
             raise ValueError("resolve_ds_config: a scheduler section needs num_training_steps")
-        _fill(ds, "scheduler.params.total_num_steps", num_training_steps, "number of optimizer steps", where,
-              required=False)
-        _fill(ds, "scheduler.params.warmup_num_steps", max(1, num_warmup_steps(config, num_training_steps)),
-              "warmup_steps / warmup_ratio (at least 1, as DeepSpeed requires)", where, required=False)
+        _fill(
+            ds,
+            "scheduler.params.total_num_steps",
+            num_training_steps,
+            "number of optimizer steps",
+            where,
+            required=False,
+        )
+        _fill(
+            ds,
+            "scheduler.params.warmup_num_steps",
+            max(1, num_warmup_steps(config, num_training_steps)),
+            "warmup_steps / warmup_ratio (at least 1, as DeepSpeed requires)",
+            where,
+            required=False,
+        )
     if "optimizer" not in ds:
         # The recipe's own (torch) optimizer: DeepSpeed tests ZeRO with Adam(W) and Adagrad only; the HF Trainer
         # allows the others the same way. With ZeRO offload it also needs the CPU-Adam check switched off.
@@ -567,9 +778,11 @@ def _fill_bucket_sizes(ds: dict, hidden: int | None, config, where: str) -> None
     if not autos:
         return
     if not hidden:
-        raise ConfigError(f"{where}: {', '.join(autos)} are \"auto\" but the config.json of "
-                          f"{config.model_name_or_path} has no hidden_size to derive them from; set them to numbers "
-                          f"in the ds_config")
+        raise ConfigError(
+            f'{where}: {", ".join(autos)} are "auto" but the config.json of '
+            f"{config.model_name_or_path} has no hidden_size to derive them from; set them to numbers "
+            f"in the ds_config"
+        )
     for key in autos:
         zero[key] = BUCKET_SIZE_RULES[key](hidden)
 

@@ -87,8 +87,14 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def stage_command(stage: str, config_path: Path, config: DPOPipelineConfig, *, extra_args: tuple[str, ...] = (),
-                  job_name: str | None = None) -> list[str]:
+def stage_command(
+    stage: str,
+    config_path: Path,
+    config: DPOPipelineConfig,
+    *,
+    extra_args: tuple[str, ...] = (),
+    job_name: str | None = None,
+) -> list[str]:
     """The launcher command that runs ``dpo-pipeline <stage>`` with ``config.num_processes`` ranks per node.
 
     torchrun: one node on loopback, or this machine as node ``node_rank`` of ``num_nodes`` with node 0 at
@@ -117,8 +123,16 @@ def stage_command(stage: str, config_path: Path, config: DPOPipelineConfig, *, e
     if config.num_nodes > 1:
         assert config.rdzv_endpoint, "the config refuses torchrun with num_nodes > 1 and no rdzv_endpoint"
         host, _, port = config.rdzv_endpoint.rpartition(":")
-        nodes = ["--nnodes", str(config.num_nodes), "--node_rank", str(config.node_rank),
-                 "--master_addr", host, "--master_port", port]
+        nodes = [
+            "--nnodes",
+            str(config.num_nodes),
+            "--node_rank",
+            str(config.node_rank),
+            "--master_addr",
+            host,
+            "--master_port",
+            port,
+        ]
     else:
         nodes = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, *nodes, "-m", *target]
@@ -134,8 +148,12 @@ def node_gpus(device: str) -> int:
     the ranks would (:func:`pipeline.distributed.use_device`)."""
     if device == "cpu" or (device == "auto" and not Path("/dev/nvidiactl").exists()):
         return 0
-    probe = subprocess.run([sys.executable, "-m", "pipeline.distributed", device], capture_output=True, text=True,
-                           env=dict(os.environ, DPO_PIPELINE_NO_LAUNCHER="1"))
+    probe = subprocess.run(
+        [sys.executable, "-m", "pipeline.distributed", device],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DPO_PIPELINE_NO_LAUNCHER="1"),
+    )
     if probe.returncode != 0:
         lines = (probe.stderr or probe.stdout).strip().splitlines() or [f"exit code {probe.returncode}"]
         raise ConfigError(lines[-1].removeprefix("error: "))
@@ -165,8 +183,10 @@ def check_launch(config: DPOPipelineConfig) -> None:
         assert hostfile is not None, "resolve_path returns None only for None, and hostfile is a str here"
         _check_hostfile(hostfile)
     if gpus and config.launcher != "slurm" and config.num_processes > gpus:
-        raise ConfigError(f"num_processes: {config.num_processes} ranks per node, but {socket.gethostname()} has "
-                          f"{gpus} visible GPU(s); set num_processes to at most that")
+        raise ConfigError(
+            f"num_processes: {config.num_processes} ranks per node, but {socket.gethostname()} has "
+            f"{gpus} visible GPU(s); set num_processes to at most that"
+        )
 
 
 def _check_hostfile(path: Path) -> None:
@@ -179,8 +199,9 @@ def _check_hostfile(path: Path) -> None:
         try:
             socket.getaddrinfo(host[0], None)
         except OSError:
-            raise ConfigError(f"hostfile {path}, line {number}: host '{host[0]}' does not resolve; fix the name "
-                              f"or remove the line") from None
+            raise ConfigError(
+                f"hostfile {path}, line {number}: host '{host[0]}' does not resolve; fix the name or remove the line"
+            ) from None
 
 
 def job_config(config: DPOPipelineConfig) -> DPOPipelineConfig:
@@ -192,9 +213,17 @@ def job_config(config: DPOPipelineConfig) -> DPOPipelineConfig:
     return config.model_copy(update={"model_name_or_path": str(resolve_model_dir(config))})
 
 
-def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable[[str], None] | None = None,
-            timeout: float | None = None, slurm_job_name: str | None = None, device: str = "auto",
-            error_file: Path | None = None) -> None:
+def run_job(
+    stage: str,
+    command: list[str],
+    *,
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+    slurm_job_name: str | None = None,
+    device: str = "auto",
+    error_file: Path | None = None,
+) -> None:
     """Run ``command`` in a new process group, tee its output to ``log_path`` and ``on_line``. A Slurm job
     (``slurm_job_name``) is also scancel'ed when it is ended early: srun killed outright leaves its step running.
 
@@ -205,8 +234,16 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
     with storage_errors(log_path):  # an unwritable or full logs/ is one line, before any job starts
         log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=job_environment(device), start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=job_environment(device),
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     with _LOCK:
         _LIVE_GROUPS.add(proc.pid)
     timer = threading.Timer(timeout, _kill_group, args=(proc.pid,)) if timeout else None
@@ -235,15 +272,22 @@ def run_job(stage: str, command: list[str], *, log_path: Path, on_line: Callable
             _LIVE_GROUPS.discard(proc.pid)
     if proc.returncode != 0:
         if error_file is not None and error_file.is_file():
-            raise from_record(json.loads(error_file.read_text())) from JobFailed(stage, proc.returncode,
-                                                                                  "\n".join(tail))
+            raise from_record(json.loads(error_file.read_text())) from JobFailed(
+                stage, proc.returncode, "\n".join(tail)
+            )
         if proc.returncode in (-signal.SIGTERM, -signal.SIGKILL) and timer is not None:
             raise JobFailed(stage, proc.returncode, f"(killed after the {timeout:.0f} s timeout)\n" + "\n".join(tail))
         raise JobFailed(stage, proc.returncode, "\n".join(tail))
 
 
-def run_stage(stage: str, config: DPOPipelineConfig, *, extra_args: tuple[str, ...] = (),
-              on_line: Callable[[str], None] | None = None, timeout: float | None = None) -> None:
+def run_stage(
+    stage: str,
+    config: DPOPipelineConfig,
+    *,
+    extra_args: tuple[str, ...] = (),
+    on_line: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+) -> None:
     """Run ``dpo-pipeline <stage>`` for ``config`` as a launcher job with ``config.num_processes`` ranks per node."""
     check_launch(config)
     config = job_config(config)
@@ -254,8 +298,16 @@ def run_stage(stage: str, config: DPOPipelineConfig, *, extra_args: tuple[str, .
     # A Slurm job is found again by its name (to cancel it): the flow run's id when there is one.
     job_name = f"dpo-{stage}-{os.environ.get('PREFECT__FLOW_RUN_ID', digest)[:36]}"
     error_file = config.output_path / "jobs" / f"{stage}-{digest}.error.json"
-    command = stage_command(stage, config_path, config, extra_args=(*extra_args, "--error-file", str(error_file)),
-                            job_name=job_name)
-    run_job(stage, command, log_path=config.output_path / "logs" / f"{stage}.log", on_line=on_line,
-            timeout=timeout, slurm_job_name=job_name if config.launcher == "slurm" else None, device=config.device,
-            error_file=error_file)
+    command = stage_command(
+        stage, config_path, config, extra_args=(*extra_args, "--error-file", str(error_file)), job_name=job_name
+    )
+    run_job(
+        stage,
+        command,
+        log_path=config.output_path / "logs" / f"{stage}.log",
+        on_line=on_line,
+        timeout=timeout,
+        slurm_job_name=job_name if config.launcher == "slurm" else None,
+        device=config.device,
+        error_file=error_file,
+    )

@@ -66,8 +66,13 @@ def lock_path(config: DPOPipelineConfig) -> Path:
 
 def _holder_record() -> dict:
     me = psutil.Process()
-    return {"pid": me.pid, "host": socket.gethostname(), "started": me.create_time(),
-            "command": shlex.join(me.cmdline()), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "pid": me.pid,
+        "host": socket.gethostname(),
+        "started": me.create_time(),
+        "command": shlex.join(me.cmdline()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def _is_running(record: dict) -> bool:
@@ -82,13 +87,15 @@ def describe_holder(path: Path) -> str:
     try:
         record = json.loads(path.read_text())
         command = " ".join(str(record["command"]).split())  # one line, whatever the holder's argv held
-        command = command if len(command) <= _COMMAND_SHOWN else command[:_COMMAND_SHOWN - 3] + "..."
+        command = command if len(command) <= _COMMAND_SHOWN else command[: _COMMAND_SHOWN - 3] + "..."
         who = f"pid {record['pid']} on {record['host']} since {record['since']} ({command})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (it has not written its record yet)"
     if record["host"] == socket.gethostname() and not _is_running(record):
-        who += ("; that process has ended, so a process it forked still holds the lock (or, on NFS, a crashed "
-                "client's lease has not expired yet)")
+        who += (
+            "; that process has ended, so a process it forked still holds the lock (or, on NFS, a crashed "
+            "client's lease has not expired yet)"
+        )
     return who
 
 
@@ -118,10 +125,15 @@ def output_dir_lock(config: DPOPipelineConfig) -> Iterator[None]:
         except BlockingIOError:
             holder = describe_holder(path)
             if config.output_dir_lock == "fail" and not under_launcher():
-                raise LockError(f"output_dir {root} is in use by {holder}; wait for that run to end or choose "
-                                f"another output_dir (output_dir_lock: wait queues behind it)") from None
-            print(f"dpo-pipeline: output_dir {root} is in use by {holder}; waiting for that run to end",
-                  file=sys.stderr, flush=True)
+                raise LockError(
+                    f"output_dir {root} is in use by {holder}; wait for that run to end or choose "
+                    f"another output_dir (output_dir_lock: wait queues behind it)"
+                ) from None
+            print(
+                f"dpo-pipeline: output_dir {root} is in use by {holder}; waiting for that run to end",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         # Best effort: the record only names the holder in messages, and a full disk must fail at the run's
         # first real write (with its own message), not here.

@@ -33,12 +33,12 @@ CHUNK_POSITIONS = 128
 class PairBatch:
     """2B left-padded sequences: the B chosen sequences, then the B rejected ones of the same pairs."""
 
-    input_ids: Tensor        # (2B, T) int64, left-padded with pad_token_id
-    attention_mask: Tensor   # (2B, T) int64, 0 on padding
-    position_ids: Tensor     # (2B, T) int64, 0 at each sequence's first real token
+    input_ids: Tensor  # (2B, T) int64, left-padded with pad_token_id
+    attention_mask: Tensor  # (2B, T) int64, 0 on padding
+    position_ids: Tensor  # (2B, T) int64, 0 at each sequence's first real token
     completion_lengths: Tensor  # (2B,) int64
-    public_lengths: Tensor   # (2B,) int64: min(|y_w|, |y_l|) of the pair, repeated for both halves
-    example_ids: Tensor      # (B,) int64
+    public_lengths: Tensor  # (2B,) int64: min(|y_w|, |y_l|) of the pair, repeated for both halves
+    example_ids: Tensor  # (B,) int64
 
     @property
     def num_pairs(self) -> int:
@@ -49,8 +49,19 @@ class PairBatch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                                  self.completion_lengths, self.public_lengths, self.example_ids)))
+        return PairBatch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.position_ids,
+                    self.completion_lengths,
+                    self.public_lengths,
+                    self.example_ids,
+                )
+            )
+        )
 
 
 def reference_pair_logps(reference: ReferenceLogps, device: torch.device | str = "cpu") -> PairLogps:
@@ -59,10 +70,14 @@ def reference_pair_logps(reference: ReferenceLogps, device: torch.device | str =
     def tensor(values) -> Tensor:
         return torch.from_numpy(values.astype("float32")).to(device)
 
-    return PairLogps(chosen=tensor(reference.chosen), rejected=tensor(reference.rejected),
-                     chosen_lengths=tensor(reference.chosen_lengths),
-                     rejected_lengths=tensor(reference.rejected_lengths),
-                     chosen_public=tensor(reference.chosen_public), rejected_public=tensor(reference.rejected_public))
+    return PairLogps(
+        chosen=tensor(reference.chosen),
+        rejected=tensor(reference.rejected),
+        chosen_lengths=tensor(reference.chosen_lengths),
+        rejected_lengths=tensor(reference.rejected_lengths),
+        chosen_public=tensor(reference.chosen_public),
+        rejected_public=tensor(reference.rejected_public),
+    )
 
 
 def collate_pairs(rows: Sequence[dict], pad_token_id: int) -> PairBatch:
@@ -77,8 +92,8 @@ def collate_pairs(rows: Sequence[dict], pad_token_id: int) -> PairBatch:
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
-        input_ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[i, width - len(seq):] = 1
+        input_ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, width - len(seq) :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     lengths = torch.tensor(completion_lengths, dtype=torch.long)
     half = len(rows)
@@ -98,10 +113,10 @@ class _TokenLogProbs(torch.autograd.Function):
         token_logps = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(token_logps)
         for start in range(0, labels.shape[1], CHUNK_POSITIONS):
-            chunk = logits[:, start:start + CHUNK_POSITIONS].float()
-            lse[:, start:start + CHUNK_POSITIONS] = torch.logsumexp(chunk, dim=-1)
-            picked = chunk.gather(-1, labels[:, start:start + CHUNK_POSITIONS, None]).squeeze(-1)
-            token_logps[:, start:start + CHUNK_POSITIONS] = picked - lse[:, start:start + CHUNK_POSITIONS]
+            chunk = logits[:, start : start + CHUNK_POSITIONS].float()
+            lse[:, start : start + CHUNK_POSITIONS] = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(-1, labels[:, start : start + CHUNK_POSITIONS, None]).squeeze(-1)
+            token_logps[:, start : start + CHUNK_POSITIONS] = picked - lse[:, start : start + CHUNK_POSITIONS]
         ctx.save_for_backward(logits, labels, lse)
         return token_logps
 
@@ -128,9 +143,9 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
 class SequenceLogps:
     """Per-sequence sums over completion tokens, each (2B,) float32: chosen half first, then rejected."""
 
-    logps: Tensor              # sum of completion-token log-probs
-    lengths: Tensor            # number of completion tokens
-    public_logps: Tensor       # sum over the first min(|y_w|, |y_l|) completion tokens (LD-DPO)
+    logps: Tensor  # sum of completion-token log-probs
+    lengths: Tensor  # number of completion tokens
+    public_logps: Tensor  # sum over the first min(|y_w|, |y_l|) completion tokens (LD-DPO)
     wpo_log_weights: Tensor | None = None  # WPO eq. 2: mean of (log p(y_t) - logsumexp_v 2 log p(v)), no grad
 
     def halves(self, name: str) -> tuple[Tensor, Tensor]:
@@ -145,14 +160,20 @@ def completion_logps(model, batch: PairBatch, *, with_wpo_weights: bool = False)
     ``model`` is a Hugging Face causal LM (or a DeepSpeed engine wrapping one) that accepts
     ``logits_to_keep``. Gradients flow to the model when called outside ``no_grad``."""
     completion_width = int(batch.completion_lengths.max())
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                logits_to_keep=completion_width + 1, use_cache=False)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=completion_width + 1,
+        use_cache=False,
+    )
     # The logit at position p predicts token p + 1: drop the last kept position, whose next token does not exist.
     logits = out.logits[:, :-1]
     labels = batch.input_ids[:, -completion_width:]
     # Index of each kept label within its own completion (negative inside the prompt or the padding).
     offset = torch.arange(completion_width, device=labels.device)[None, :] - (
-        completion_width - batch.completion_lengths[:, None])
+        completion_width - batch.completion_lengths[:, None]
+    )
     in_completion = offset >= 0
     per_token = token_logprobs(logits, labels)
     # torch.where, not multiply: logits at padded positions may be non-finite and 0 * nan = nan.
@@ -162,10 +183,14 @@ def completion_logps(model, batch: PairBatch, *, with_wpo_weights: bool = False)
     if with_wpo_weights:
         with torch.no_grad():
             # logsumexp_v(2 log p_v) = logsumexp_v(2 x_v) - 2 logsumexp_v(x_v), chunked like the forward.
-            adjust = torch.cat([
-                torch.logsumexp(2 * logits[:, s:s + CHUNK_POSITIONS].float(), dim=-1)
-                - 2 * torch.logsumexp(logits[:, s:s + CHUNK_POSITIONS].float(), dim=-1)
-                for s in range(0, completion_width, CHUNK_POSITIONS)], dim=1)
+            adjust = torch.cat(
+                [
+                    torch.logsumexp(2 * logits[:, s : s + CHUNK_POSITIONS].float(), dim=-1)
+                    - 2 * torch.logsumexp(logits[:, s : s + CHUNK_POSITIONS].float(), dim=-1)
+                    for s in range(0, completion_width, CHUNK_POSITIONS)
+                ],
+                dim=1,
+            )
             adjusted = torch.where(in_completion, per_token.detach() - adjust, 0.0)
             wpo = adjusted.sum(-1) / batch.completion_lengths.clamp(min=1)
     return SequenceLogps(masked.sum(-1), batch.completion_lengths.to(torch.float32), public.sum(-1), wpo)

@@ -19,10 +19,10 @@ class Variant:
     """What a loss variant reads beyond the per-side scores, declared once (as open-instruct's loss enum does)."""
 
     paper: str
-    lengths: bool = False          # completion token counts (sigmoid_norm; sft reads the chosen side only)
-    smoothing: bool = False        # needs label_smoothing > 0 (its loss has log ε)
-    raw_margins: bool = False      # compares policy and reference margins, which have no f-divergence score
-    running_mean: bool = False     # keeps a reward mean across steps (a LossState, saved in checkpoints)
+    lengths: bool = False  # completion token counts (sigmoid_norm; sft reads the chosen side only)
+    smoothing: bool = False  # needs label_smoothing > 0 (its loss has log ε)
+    raw_margins: bool = False  # compares policy and reference margins, which have no f-divergence score
+    running_mean: bool = False  # keeps a reward mean across steps (a LossState, saved in checkpoints)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -117,16 +117,21 @@ class LossSpec:
         if _real("discopop_tau", self.discopop_tau) <= 0:
             raise ConfigError(f"discopop_tau: must be > 0, got {self.discopop_tau}")
         if self.f_divergence_type not in F_DIVERGENCE_TYPES:
-            raise ConfigError(f"f_divergence_type: unknown {self.f_divergence_type!r}; valid: "
-                              f"{', '.join(F_DIVERGENCE_TYPES)}")
+            raise ConfigError(
+                f"f_divergence_type: unknown {self.f_divergence_type!r}; valid: {', '.join(F_DIVERGENCE_TYPES)}"
+            )
         alpha = _real("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
         if self.f_divergence_type == "alpha_divergence" and not 0.0 <= alpha <= 1.0:
-            raise ConfigError("f_alpha_divergence_coef: must be in [0, 1] (0 = forward KL, 1 = reverse KL; "
-                              f"TRL 1.x convention), got {self.f_alpha_divergence_coef}")
+            raise ConfigError(
+                "f_alpha_divergence_coef: must be in [0, 1] (0 = forward KL, 1 = reverse KL; "
+                f"TRL 1.x convention), got {self.f_alpha_divergence_coef}"
+            )
         on_margins = [name for name in canonical if VARIANTS[name].raw_margins]
         if on_margins and self.f_divergence_type != "reverse_kl":
-            raise ConfigError(f"f_divergence_type: {on_margins[0]} compares policy and reference margins, which "
-                              f"have no f-divergence score; use reverse_kl or another loss_type")
+            raise ConfigError(
+                f"f_divergence_type: {on_margins[0]} compares policy and reference margins, which "
+                f"have no f-divergence score; use reverse_kl or another loss_type"
+            )
         if self.ld_alpha is not None and not 0.0 <= _real("ld_alpha", self.ld_alpha) <= 1.0:
             raise ConfigError(f"ld_alpha: must be in [0, 1] or null, got {self.ld_alpha}")
 

@@ -101,8 +101,9 @@ _F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
 assert tuple(_F_DIVERGENCES) == F_DIVERGENCE_TYPES, "pipeline.loss_spec names the divergences this module has"
 
 
-def f_divergence_scores(logratios: Tensor, f_divergence_type: str = "reverse_kl",
-                        f_alpha_divergence_coef: float = 1.0) -> Tensor:
+def f_divergence_scores(
+    logratios: Tensor, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 1.0
+) -> Tensor:
     """ψ(r) for per-side log-ratios r = log π − log π_ref of any shape; ψ(0) = 0 for every divergence."""
     return _f_divergence(f_divergence_type)(logratios, f_alpha_divergence_coef)
 
@@ -146,8 +147,10 @@ class VariantInputs:
         """(len_w, len_l) as floats clamped to >= 1 (an empty completion must not divide by zero)."""
         if self.chosen_lengths is None or self.rejected_lengths is None:
             raise ValueError(f"loss_type: {variant!r} needs chosen_lengths and rejected_lengths")
-        return (self.chosen_lengths.to(self.chosen.dtype).clamp(min=1.0),
-                self.rejected_lengths.to(self.chosen.dtype).clamp(min=1.0))
+        return (
+            self.chosen_lengths.to(self.chosen.dtype).clamp(min=1.0),
+            self.rejected_lengths.to(self.chosen.dtype).clamp(min=1.0),
+        )
 
     def normalized_margin(self, variant: str) -> Tensor:
         """Per-token margin s_w/|y_w| − s_l/|y_l|, TRL 1.x's length normalisation."""
@@ -189,8 +192,9 @@ def _exo_pair(x: VariantInputs, spec: LossSpec) -> Tensor:
     eq. 16): ℓ = σ(βh)·(logσ(βh) − log(1−ε)) + σ(−βh)·(logσ(−βh) − log ε), ε = label_smoothing > 0."""
     z = spec.beta * x.margin
     eps = spec.label_smoothing
-    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
 
 
 def _nca_pair(x: VariantInputs, spec: LossSpec) -> Tensor:
@@ -335,21 +339,49 @@ def dpo_loss(
     """
     if not isinstance(loss_type, str):
         raise TypeError(f"loss_type: dpo_loss takes one variant name, got {loss_type!r}; use compute_loss for MPO")
-    spec = LossSpec(loss_type=(loss_type,), beta=beta, label_smoothing=label_smoothing,
-                    f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-                    discopop_tau=discopop_tau, reference_free=reference_free,
-                    ipo_length_normalized=ipo_length_normalized)
-    return _variant_losses(spec, spec.loss_type[0], policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                           ref_rejected_logps, chosen_lengths, rejected_lengths, bco_delta)
+    spec = LossSpec(
+        loss_type=(loss_type,),
+        beta=beta,
+        label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
+        reference_free=reference_free,
+        ipo_length_normalized=ipo_length_normalized,
+    )
+    return _variant_losses(
+        spec,
+        spec.loss_type[0],
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        bco_delta,
+    )
 
 
-def _variant_losses(spec: LossSpec, variant: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-                    ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, chosen_lengths: Tensor | None,
-                    rejected_lengths: Tensor | None, bco_delta: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+def _variant_losses(
+    spec: LossSpec,
+    variant: str,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_lengths: Tensor | None,
+    rejected_lengths: Tensor | None,
+    bco_delta: Tensor | float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`dpo_loss` with an already validated ``spec`` (what :func:`compute_loss` calls per micro-batch)."""
-    _check_shapes(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    _check_shapes(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
     ref_chosen, ref_rejected = ref_chosen_logps.detach(), ref_rejected_logps.detach()
     chosen_rewards = spec.beta * (policy_chosen_logps.detach() - ref_chosen)
     rejected_rewards = spec.beta * (policy_rejected_logps.detach() - ref_rejected)
@@ -388,9 +420,16 @@ def preference_loss(
     log-probs (label_smoothing ignored); otherwise DPO, or conservative DPO when label_smoothing > 0.
     ``reference_free`` drops the reference from the loss; the rewards still use it.
     """
-    return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    loss_type="ipo" if ipo else "sigmoid", beta=beta, label_smoothing=label_smoothing,
-                    reference_free=reference_free)
+    return dpo_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        loss_type="ipo" if ipo else "sigmoid",
+        beta=beta,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+    )
 
 
 def ld_dpo_logps(logps: Tensor, public_logps: Tensor, ld_alpha: float) -> Tensor:
@@ -467,8 +506,12 @@ class LossState:
 
     def update_bco(self, rewards: Tensor) -> Tensor:
         """Fold this rank's rewards (any shape) into δ and return the new δ; no host sync."""
-        stats = torch.stack([rewards.detach().sum().double(),
-                             torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device)])
+        stats = torch.stack(
+            [
+                rewards.detach().sum().double(),
+                torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device),
+            ]
+        )
         if self._all_reduce_sum is not None:
             stats = self._all_reduce_sum(stats)
         batch_mean = stats[0] / stats[1]
@@ -490,8 +533,9 @@ class LossState:
         self._bco_count = count
 
 
-def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
-                 state: LossState | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def compute_loss(
+    policy: PairLogps, reference: PairLogps | None, spec: LossSpec, state: LossState | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss and its metrics for one (local) batch.
 
     Applies LD-DPO (``spec.ld_alpha``, to policy and reference alike) and WPO weighting (``spec.use_weighting``),
@@ -515,8 +559,9 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
     if spec.ld_alpha is not None:
         reason = "ld_alpha (LD-DPO)"
         public_w, public_l = policy.require("chosen_public", "rejected_public", side="policy", reason=reason)
-        ref_public_w, ref_public_l = reference.require("chosen_public", "rejected_public", side="reference",
-                                                       reason=reason)
+        ref_public_w, ref_public_l = reference.require(
+            "chosen_public", "rejected_public", side="reference", reason=reason
+        )
         chosen = ld_dpo_logps(chosen, public_w, spec.ld_alpha)
         rejected = ld_dpo_logps(rejected, public_l, spec.ld_alpha)
         ref_chosen = ld_dpo_logps(ref_chosen, ref_public_w, spec.ld_alpha)
@@ -524,16 +569,20 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
 
     weights = None
     if spec.use_weighting:
-        weights = wpo_weights(*policy.require("chosen_wpo_log_weights", "rejected_wpo_log_weights",
-                                              side="policy", reason="use_weighting (WPO)"))
+        weights = wpo_weights(
+            *policy.require(
+                "chosen_wpo_log_weights", "rejected_wpo_log_weights", side="policy", reason="use_weighting (WPO)"
+            )
+        )
 
     bco_delta: Tensor | float = 0.0
     if spec.needs("running_mean"):
         if state is None:
             raise ValueError("loss_type: bco_pair keeps a running reward mean; pass a LossState")
         ref_w, ref_l = (0.0, 0.0) if spec.reference_free else (ref_chosen.detach(), ref_rejected.detach())
-        scores = f_divergence_scores(torch.cat([chosen - ref_w, rejected - ref_l]).detach(),
-                                     spec.f_divergence_type, spec.f_alpha_divergence_coef)
+        scores = f_divergence_scores(
+            torch.cat([chosen - ref_w, rejected - ref_l]).detach(), spec.f_divergence_type, spec.f_alpha_divergence_coef
+        )
         bco_delta = state.update_bco(spec.beta * scores)
 
     total: Tensor | float = 0.0
@@ -541,8 +590,9 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
     for name, weight in zip(spec.loss_type, spec.weights, strict=True):
         # SFT is the NLL of the whole chosen completion, so it reads the raw sums, not the LD-DPO ones.
         logps = (policy.chosen, policy.rejected) if name == "sft" else (chosen, rejected)
-        losses, _, _ = _variant_losses(spec, name, *logps, ref_chosen, ref_rejected, policy.chosen_lengths,
-                                       policy.rejected_lengths, bco_delta)
+        losses, _, _ = _variant_losses(
+            spec, name, *logps, ref_chosen, ref_rejected, policy.chosen_lengths, policy.rejected_lengths, bco_delta
+        )
         term = (losses * weights).mean() if weights is not None else losses.mean()
         metrics[f"loss/{name}"] = term.detach()
         total = total + weight * term
@@ -550,13 +600,15 @@ def compute_loss(policy: PairLogps, reference: PairLogps | None, spec: LossSpec,
 
     chosen_rewards = spec.beta * (chosen - ref_chosen).detach()
     rejected_rewards = spec.beta * (rejected - ref_rejected).detach()
-    metrics.update({
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen.detach().mean(),
-        "logps/rejected": rejected.detach().mean(),
-        "loss": total.detach(),
-    })
+    metrics.update(
+        {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+            "loss": total.detach(),
+        }
+    )
     return total, metrics

@@ -76,8 +76,10 @@ def write_plots(records: list[dict[str, Any]], run_dir: Path) -> dict[str, str]:
     paths = {}
     for name, (title, train_key, eval_key) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label, style in ((train_key, "train", {"linewidth": 0.8, "alpha": 0.7}),
-                                  (eval_key, "eval", {"marker": "o", "linewidth": 1.5})):
+        for key, label, style in (
+            (train_key, "train", {"linewidth": 0.8, "alpha": 0.7}),
+            (eval_key, "eval", {"marker": "o", "linewidth": 1.5}),
+        ):
             points = [(r["step"], r[key]) for r in records if key in r]
             if points:
                 ax.plot(*zip(*points, strict=True), label=label, **style)

@@ -38,8 +38,10 @@ def resolve_model_dir(config: DPOPipelineConfig) -> Path:
             local = Path(snapshot_download(name, revision=revision, allow_patterns=[*metadata, "*.bin"]))
         return local
     except Exception as exc:  # noqa: BLE001 -- network, auth or missing repo: "this model cannot be had here"
-        raise ConfigError(f"model_name_or_path: '{name}' is not a local directory and could not be fetched from "
-                          f"the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise ConfigError(
+            f"model_name_or_path: '{name}' is not a local directory and could not be fetched from "
+            f"the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
 
 
 def code_kwargs(config: DPOPipelineConfig) -> dict[str, bool]:

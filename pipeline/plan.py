@@ -39,19 +39,41 @@ TRAIN_KIND = "train"
 TRAIN_SCHEMA_VERSION = 2
 
 # Cannot change any artifact's content that matters: paths, launching, observation, cadence of saves.
-NOT_ARTIFACT_FIELDS = frozenset({
-    "output_dir",                                   # where the artifacts go (they are content-addressed below it)
-    "dataset_num_proc",                             # tokenizer processes: the same ids in the same order
-    "num_processes", "num_nodes", "node_rank",      # data parallel: the same global batches (a resume checks it)
-    "launcher", "rdzv_endpoint", "hostfile", "device", "ddp_timeout", "output_dir_lock",
-    "slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_extra_args",
-    "logging_steps", "eval_steps", "per_device_eval_batch_size",  # what is measured and logged, not the model
-    "logging_strategy", "eval_strategy", "eval_on_start", "run_name", "log_level",
-    "save_strategy",                                # as save_steps
-    "dtype",                                        # must agree with bf16, which decides the training dtype
-    "save_steps", "save_total_limit", "save_reference_versions",  # checkpoints resume bit for bit
-    "precompute_ref_batch_size", "reference_zero_stage", "ref_slices_on_device",  # how scores are computed
-})
+NOT_ARTIFACT_FIELDS = frozenset(
+    {
+        "output_dir",  # where the artifacts go (they are content-addressed below it)
+        "dataset_num_proc",  # tokenizer processes: the same ids in the same order
+        "num_processes",
+        "num_nodes",
+        "node_rank",  # data parallel: the same global batches (a resume checks it)
+        "launcher",
+        "rdzv_endpoint",
+        "hostfile",
+        "device",
+        "ddp_timeout",
+        "output_dir_lock",
+        "slurm_partition",
+        "slurm_time",
+        "slurm_gpus_per_node",
+        "slurm_extra_args",
+        "logging_steps",
+        "eval_steps",
+        "per_device_eval_batch_size",  # what is measured and logged, not the model
+        "logging_strategy",
+        "eval_strategy",
+        "eval_on_start",
+        "run_name",
+        "log_level",
+        "save_strategy",  # as save_steps
+        "dtype",  # must agree with bf16, which decides the training dtype
+        "save_steps",
+        "save_total_limit",
+        "save_reference_versions",  # checkpoints resume bit for bit
+        "precompute_ref_batch_size",
+        "reference_zero_stage",
+        "ref_slices_on_device",  # how scores are computed
+    }
+)
 # Fields that enter the training fingerprint as content, not as their value.
 _BY_CONTENT = frozenset({"deepspeed", "accelerate_config"})
 
@@ -71,7 +93,7 @@ class Plan:
     sources: dict[str, SplitSource]  # the dataset's splits, by role ("train", "eval")
     tokenized_fingerprint: str
     tokenized_dir: Path
-    reference_weights: str       # content hash of the initial weights: the reference, and where the policy starts
+    reference_weights: str  # content hash of the initial weights: the reference, and where the policy starts
     reference_splits: list[str]  # what the reference stage scores: train + eval (eval only under TR-DPO)
     reference_dir: Path
     train_inputs: dict[str, Any]  # everything that changes the trained weights
@@ -85,8 +107,13 @@ class Plan:
         tokenized_fp = tokenized.tokenized_fingerprint(config, model_dir=model_dir, sources=sources)
         weights = model_weights_hash(model_dir)
         splits = scored_splits(config, list(sources))
-        reference_fp = expected_fingerprint(reference_cache.KIND, reference_cache.SCHEMA_VERSION, reference_inputs(
-            tokenized_fingerprint=tokenized_fp, weights_hash=weights, dtype=dtype_name(config), splits=splits))
+        reference_fp = expected_fingerprint(
+            reference_cache.KIND,
+            reference_cache.SCHEMA_VERSION,
+            reference_inputs(
+                tokenized_fingerprint=tokenized_fp, weights_hash=weights, dtype=dtype_name(config), splits=splits
+            ),
+        )
         reference_dir = artifact_dir(config.output_path, reference_cache.KIND, reference_fp)
         inputs = {
             **config.subset(*training_fields()),
@@ -97,8 +124,19 @@ class Plan:
         }
         fp = expected_fingerprint(TRAIN_KIND, TRAIN_SCHEMA_VERSION, inputs)
         tokenized_dir = artifact_dir(config.output_path, tokenized.KIND, tokenized_fp)
-        return cls(config, model_dir, sources, tokenized_fp, tokenized_dir,
-                   weights, splits, reference_dir, inputs, fp, artifact_dir(config.output_path, TRAIN_KIND, fp))
+        return cls(
+            config,
+            model_dir,
+            sources,
+            tokenized_fp,
+            tokenized_dir,
+            weights,
+            splits,
+            reference_dir,
+            inputs,
+            fp,
+            artifact_dir(config.output_path, TRAIN_KIND, fp),
+        )
 
 
 __all__ = ["NOT_ARTIFACT_FIELDS", "Plan", "REFERENCE_FIELDS", "TOKENIZE_FIELDS", "training_fields"]

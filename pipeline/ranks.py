@@ -34,18 +34,29 @@ def scheduler_rank_environment(env: Mapping[str, str]) -> dict[str, str]:
         tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         port = 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 17 + int(env["SLURM_STEP_ID"])) % 20000
-        return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "WORLD_SIZE": tasks,
-                "LOCAL_WORLD_SIZE": env.get("SLURM_STEP_TASKS_PER_NODE", tasks).split("(")[0].split(",")[0],
-                "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
-                "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": tasks,
+            "LOCAL_WORLD_SIZE": env.get("SLURM_STEP_TASKS_PER_NODE", tasks).split("(")[0].split(",")[0],
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(port),
+        }
     if "OMPI_COMM_WORLD_RANK" in env:
         size, local_size = env["OMPI_COMM_WORLD_SIZE"], env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
         if "MASTER_ADDR" not in env and size != local_size:
-            raise ConfigError("mpirun across nodes: export the first rank's host as MASTER_ADDR "
-                              "(mpirun -x MASTER_ADDR=<host> -x MASTER_PORT=<port> ...)")
-        return {"RANK": env["OMPI_COMM_WORLD_RANK"], "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
-                "WORLD_SIZE": size, "LOCAL_WORLD_SIZE": local_size,
-                "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+            raise ConfigError(
+                "mpirun across nodes: export the first rank's host as MASTER_ADDR "
+                "(mpirun -x MASTER_ADDR=<host> -x MASTER_PORT=<port> ...)"
+            )
+        return {
+            "RANK": env["OMPI_COMM_WORLD_RANK"],
+            "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+            "WORLD_SIZE": size,
+            "LOCAL_WORLD_SIZE": local_size,
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT", "29500"),
+        }
     return {}
 
 
@@ -62,7 +73,8 @@ def first_host(nodelist: str) -> str:
 def under_launcher() -> bool:
     """True in a rank started by torchrun, the deepspeed launcher, srun or mpirun (not in a plain process)."""
     return ("LOCAL_RANK" in os.environ or bool(scheduler_rank_environment(os.environ))) and (
-        NO_LAUNCHER not in os.environ)
+        NO_LAUNCHER not in os.environ
+    )
 
 
 def free_port() -> int:

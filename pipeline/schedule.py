@@ -24,8 +24,8 @@ import numpy as np
 @dataclass(frozen=True)
 class TrainingSchedule:
     example_ids: tuple[int, ...]  # train split ids, sorted
-    global_batch_size: int         # per_device_train_batch_size x gradient_accumulation_steps x processes
-    num_steps: int                 # optimizer steps
+    global_batch_size: int  # per_device_train_batch_size x gradient_accumulation_steps x processes
+    num_steps: int  # optimizer steps
     seed: int
 
     @classmethod
@@ -36,8 +36,10 @@ class TrainingSchedule:
         if steps_per_epoch == 0:
             from pipeline.errors import ConfigError
 
-            raise ConfigError(f"per_device_train_batch_size: the global batch ({global_batch}) is larger than "
-                              f"the train split ({len(ids)} examples)")
+            raise ConfigError(
+                f"per_device_train_batch_size: the global batch ({global_batch}) is larger than "
+                f"the train split ({len(ids)} examples)"
+            )
         steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
         return cls(ids, global_batch, steps, config.seed if config.data_seed is None else config.data_seed)
 
@@ -55,7 +57,7 @@ class TrainingSchedule:
             raise IndexError(f"step {step} outside the schedule's {self.num_steps} steps")
         epoch, index = divmod(step, self.steps_per_epoch)
         start = index * self.global_batch_size
-        return self.epoch_order(epoch)[start:start + self.global_batch_size]
+        return self.epoch_order(epoch)[start : start + self.global_batch_size]
 
     def window_ids(self, start_step: int, stop_step: int) -> np.ndarray:
         """All examples consumed by steps [start_step, stop_step), with repeats if an example recurs."""
@@ -68,7 +70,7 @@ class TrainingSchedule:
         same number of equally sized micro-batches (ZeRO-3 needs ranks in lockstep)."""
         batch = self.step_ids(step)
         micro = self.global_batch_size // (world * accumulation)
-        return [batch[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accumulation)]
+        return [batch[(a * world + rank) * micro : (a * world + rank + 1) * micro] for a in range(accumulation)]
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,12 @@ class Cadence:
         eval_steps = config.eval_steps
         if config.eval_strategy == "steps" and eval_steps is None:
             eval_steps = config.logging_steps  # transformers' default
-        return cls(every(config.logging_strategy, config.logging_steps), every(config.eval_strategy, eval_steps),
-                   every(config.save_strategy, config.save_steps), config.eval_strategy != "no")
+        return cls(
+            every(config.logging_strategy, config.logging_steps),
+            every(config.eval_strategy, eval_steps),
+            every(config.save_strategy, config.save_steps),
+            config.eval_strategy != "no",
+        )
 
     @staticmethod
     def due(every: int | None, step: int) -> bool:

@@ -54,13 +54,26 @@ def srun_command(config, target_args: list[str], job_name: str) -> list[str]:
     ``num_nodes`` nodes, ``num_processes`` tasks (ranks) per node, the ``slurm_*`` fields, then
     ``slurm_extra_args`` (last, so they can override any option above)."""
     if shutil.which("srun") is None:
-        raise ConfigError(f"launcher: slurm, but `srun` is not on PATH on {socket.gethostname()}; run from a "
-                          f"Slurm login node or allocation (or load Slurm, e.g. `module load slurm`), or set "
-                          f"launcher: torchrun to run here")
+        raise ConfigError(
+            f"launcher: slurm, but `srun` is not on PATH on {socket.gethostname()}; run from a "
+            f"Slurm login node or allocation (or load Slurm, e.g. `module load slurm`), or set "
+            f"launcher: torchrun to run here"
+        )
     tasks = config.num_nodes * config.num_processes
-    command = ["srun", "--nodes", str(config.num_nodes), "--ntasks", str(tasks),
-               "--ntasks-per-node", str(config.num_processes), "--kill-on-bad-exit=1", "--unbuffered",
-               "--export=ALL", "--job-name", job_name]
+    command = [
+        "srun",
+        "--nodes",
+        str(config.num_nodes),
+        "--ntasks",
+        str(tasks),
+        "--ntasks-per-node",
+        str(config.num_processes),
+        "--kill-on-bad-exit=1",
+        "--unbuffered",
+        "--export=ALL",
+        "--job-name",
+        job_name,
+    ]
     if config.slurm_partition:
         command += ["--partition", config.slurm_partition]
     if config.slurm_time:
@@ -110,8 +123,11 @@ def _cancel(select: Callable[[str], bool], timeout: float) -> tuple[int, int]:
         time.sleep(0.2)
         targets = queued(select)
     if targets:
-        log.warning("Slurm jobs still listed %.0f s after scancel: %s", timeout,
-                    ", ".join(f"{job_id} ({name})" for job_id, name in targets.items()))
+        log.warning(
+            "Slurm jobs still listed %.0f s after scancel: %s",
+            timeout,
+            ", ".join(f"{job_id} ({name})" for job_id, name in targets.items()),
+        )
     return found, len(targets)
 
 

@@ -45,20 +45,32 @@ def build_tokenizer(corpus_files=DEFAULT_CORPUS, vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus_lines(corpus_files), trainer=trainer)
     bos_id = tok.token_to_id(SPECIAL_TOKENS["bos_token"])
     # Like Llama's tokenizer, prepend BOS to every encoded text (completions are encoded without it).
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos_id)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def build_tiny_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, corpus_files=DEFAULT_CORPUS, seed: int = 0,
-                     hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512) -> Path:
+def build_tiny_model(
+    out_dir: str | Path = DEFAULT_MODEL_DIR,
+    *,
+    corpus_files=DEFAULT_CORPUS,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+) -> Path:
     """Build tokenizer + randomly initialised Llama and save both to ``out_dir`` (atomically, as a directory)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -66,10 +78,18 @@ def build_tiny_model(out_dir: str | Path = DEFAULT_MODEL_DIR, *, corpus_files=DE
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(corpus_files, vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, attention_dropout=0.0,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

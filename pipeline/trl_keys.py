@@ -16,14 +16,14 @@ from typing import Any
 
 # Older or other names of a field here: renamed when the config is loaded.
 ALIASES: dict[str, str] = {
-    "torch_dtype": "dtype",                            # ModelConfig until TRL 0.26
-    "evaluation_strategy": "eval_strategy",            # TrainingArguments until transformers 4.51
+    "torch_dtype": "dtype",  # ModelConfig until TRL 0.26
+    "evaluation_strategy": "eval_strategy",  # TrainingArguments until transformers 4.51
     "activation_checkpointing": "gradient_checkpointing",  # transformers >= 5.23's name
     "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
-    "preprocessing_num_workers": "dataset_num_proc",   # alignment-handbook before its mixture rewrite
+    "preprocessing_num_workers": "dataset_num_proc",  # alignment-handbook before its mixture rewrite
     "per_gpu_train_batch_size": "per_device_train_batch_size",
     "per_gpu_eval_batch_size": "per_device_eval_batch_size",
-    "max_target_length": "max_completion_length",      # TRL 0.x
+    "max_target_length": "max_completion_length",  # TRL 0.x
 }
 
 # Keys that change nothing this pipeline produces, whatever their value, and why.
@@ -133,11 +133,17 @@ NO_EFFECT: dict[str, str] = {
 
 # Keys whose behaviour is missing here: (the values that switch it off and are accepted, why, and what to do).
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "push_to_hub": ((False, None), "no Hub upload from the job (compute nodes are often offline); upload "
-                                   "<run dir>/final_model with `huggingface-cli upload` after the run"),
-    "report_to": (("none", None, [], ["none"]), "experiment trackers are not wired yet: metrics are in "
-                                                "<run dir>/metrics.jsonl and the Prefect artifacts; set "
-                                                "report_to: none"),
+    "push_to_hub": (
+        (False, None),
+        "no Hub upload from the job (compute nodes are often offline); upload "
+        "<run dir>/final_model with `huggingface-cli upload` after the run",
+    ),
+    "report_to": (
+        ("none", None, [], ["none"]),
+        "experiment trackers are not wired yet: metrics are in "
+        "<run dir>/metrics.jsonl and the Prefect artifacts; set "
+        "report_to: none",
+    ),
     "fp16": ((False, None), "fp16 training is not supported; use bf16: true (GPUs) or fp32"),
     "fp16_full_eval": ((False, None), "see fp16"),
     "bf16_full_eval": ((False, None), "evaluation runs in the training dtype; set bf16"),
@@ -164,13 +170,18 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "disable_dropout": ((True,), "dropout is always off (the cached reference log-probs were scored without it)"),
     "rpo_alpha": ((None,), "use loss_type: [sigmoid, sft] with loss_weights: [1, alpha] (TRL 1.x's RPO)"),
     "tools": ((None, []), "tool schemas are not passed to the chat template; put tools into the messages"),
-    "chat_template": ((None,), "the tokenizer's own chat template is used; save the template into the model's "
-                               "tokenizer_config.json"),
+    "chat_template": (
+        (None,),
+        "the tokenizer's own chat template is used; save the template into the model's tokenizer_config.json",
+    ),
     "tokenizer_name_or_path": ((None,), "the tokenizer is model_name_or_path's"),
     "base_model_revision": ((None,), "no PEFT base model"),
     "model_code_revision": ((None,), "set model_revision"),
-    "datasets": ((None, []), "write TRL's dataset list as alignment-handbook's dataset_mixture: "
-                             "{datasets: [{id, config, split, columns, weight}], seed, test_split_size}"),
+    "datasets": (
+        (None, []),
+        "write TRL's dataset list as alignment-handbook's dataset_mixture: "
+        "{datasets: [{id, config, split, columns, weight}], seed, test_split_size}",
+    ),
     "test_split_size": ((None,), "a held-out split of a mixture: dataset_mixture.test_split_size"),
     "dataset_mixer": ((None, {}), "write it as dataset_mixture: {datasets: [{id, split, weight}]}"),
     "dataset_configs": ((None,), "see dataset_mixer"),
@@ -186,8 +197,11 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "greater_is_better": ((None,), "see load_best_model_at_end"),
     "save_only_model": ((False,), "checkpoints hold the optimizer and schedule, so a rerun resumes exactly"),
     "label_smoothing_factor": ((0, 0.0), "DPO's label smoothing is label_smoothing"),
-    "optim_args": ((None, ""), "set the optimizer's arguments with adam_beta1/adam_beta2/adam_epsilon/"
-                               "weight_decay, or a ds_config optimizer section"),
+    "optim_args": (
+        (None, ""),
+        "set the optimizer's arguments with adam_beta1/adam_beta2/adam_epsilon/"
+        "weight_decay, or a ds_config optimizer section",
+    ),
     "optim_target_modules": ((None,), "no GaLore / APOLLO optimizers"),
     "eval_delay": ((0, 0.0, None), "evaluation starts with eval_steps"),
     "train_sampling_strategy": (("random",), "the data order is seeded random (pipeline/schedule.py)"),
@@ -210,4 +224,3 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
 def known_keys() -> frozenset[str]:
     """Every key of another library's config this module knows (fields here are :mod:`pipeline.config`'s)."""
     return frozenset(ALIASES) | frozenset(NO_EFFECT) | frozenset(REFUSED)
-

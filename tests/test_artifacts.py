@@ -17,8 +17,12 @@ from pipeline.errors import ArtifactError
 
 
 def table(n=5):
-    return pa.table({"example_id": pa.array(range(n), pa.int64()),
-                     "ids": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int32()))})
+    return pa.table(
+        {
+            "example_id": pa.array(range(n), pa.int64()),
+            "ids": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int32())),
+        }
+    )
 
 
 def test_fingerprint_is_canonical():
@@ -45,8 +49,9 @@ def test_failed_write_leaves_old_content_and_no_temp_file(tmp_path):
 def test_manifest_round_trip_and_refusals(tmp_path):
     write_parquet(table(), tmp_path / "data.parquet")
     inputs = {"dataset": "abc", "max_length": 10}
-    manifest = write_manifest(tmp_path, kind="demo", schema_version=1, inputs=inputs, files=["data.parquet"],
-                              counts={"rows": 5})
+    manifest = write_manifest(
+        tmp_path, kind="demo", schema_version=1, inputs=inputs, files=["data.parquet"], counts={"rows": 5}
+    )
     assert manifest["fingerprint"] == expected_fingerprint("demo", 1, inputs)
     assert read_manifest(tmp_path, kind="demo", fingerprint=manifest["fingerprint"])["counts"] == {"rows": 5}
     assert is_complete(tmp_path, kind="demo", fingerprint=manifest["fingerprint"])

@@ -28,14 +28,26 @@ from pipeline.train.stage import MetricSums, read_summary, weight_decay_groups
 
 CONFIGS = REPO_ROOT / "configs"
 DS_ZERO2, DS_ZERO3 = str(CONFIGS / "ds_zero2.json"), str(CONFIGS / "ds_zero3.json")
-SMALL = dict(max_steps=4, per_device_train_batch_size=2, per_device_eval_batch_size=8, eval_steps=None,
-             save_steps=None, deepspeed=DS_ZERO2)
+SMALL = dict(
+    max_steps=4,
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=8,
+    eval_steps=None,
+    save_steps=None,
+    deepspeed=DS_ZERO2,
+)
 
 
 # ---------------------------------------------------------------------------------------------- launcher env
-SRUN_TASK = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
-             "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
-             "SLURM_STEP_NODELIST": "gpu[007-008]"}
+SRUN_TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "SLURM_STEP_NODELIST": "gpu[007-008]",
+}
 
 
 def test_srun_task_variables_become_rank_variables_the_same_on_every_task():
@@ -52,8 +64,12 @@ def test_an_sbatch_script_or_salloc_shell_is_one_process_not_a_rank():
 
 
 def test_openmpi_ranks_and_the_multi_node_master_they_cannot_guess():
-    single = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
-              "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    single = {
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_SIZE": "2",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    }
     assert ranks.scheduler_rank_environment(single)["MASTER_ADDR"] == "127.0.0.1"
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
         ranks.scheduler_rank_environment({**single, "OMPI_COMM_WORLD_SIZE": "4"})
@@ -92,8 +108,9 @@ def test_launcher_commands_for_multi_node_torchrun_and_a_deepspeed_hostfile(make
     assert "--nproc_per_node 4" in text
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
-    deepspeed = launch.stage_command("train", tmp_path / "c.yaml",
-                                     make_config(launcher="deepspeed", hostfile=str(hostfile), num_processes=8))
+    deepspeed = launch.stage_command(
+        "train", tmp_path / "c.yaml", make_config(launcher="deepspeed", hostfile=str(hostfile), num_processes=8)
+    )
     assert Path(deepspeed[0]).name == "deepspeed" and deepspeed[1:3] == ["--hostfile", str(hostfile)]
     with pytest.raises(ConfigError, match="rdzv_endpoint"):
         make_config(num_nodes=2)
@@ -118,8 +135,11 @@ def test_weight_decay_groups_use_the_full_shape_of_zero3_partitioned_parameters(
 def test_metric_sums_stay_on_the_engines_device_until_the_one_transfer():
     # The meta device stands in for CUDA: a .cpu() or a host scalar on the way would fail or leave meta.
     sums = MetricSums(torch.device("meta"))
-    sums.add({"loss": torch.ones((), device="meta"), "rewards/margins": torch.ones((), device="meta")}, 2,
-             torch.tensor(7, device="meta"))
+    sums.add(
+        {"loss": torch.ones((), device="meta"), "rewards/margins": torch.ones((), device="meta")},
+        2,
+        torch.tensor(7, device="meta"),
+    )
     sums.add_names(["loss", "rewards/margins"])
     reduced = sums.reduced()
     assert reduced.device.type == "meta" and reduced.shape == (4,)
@@ -127,7 +147,8 @@ def test_metric_sums_stay_on_the_engines_device_until_the_one_transfer():
 
 def test_reference_pass_replicates_a_model_that_fits_and_shards_on_request(make_config, tiny_model_dir):
     assert model_parameter_count(tiny_model_dir) == sum(
-        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()
+    )
     config = make_config(deepspeed=DS_ZERO3)
     assert _inference_ds_config(config, tiny_model_dir)["zero_optimization"] == {"stage": 0}
     forced = _inference_ds_config(config.model_copy(update={"reference_zero_stage": 3}), tiny_model_dir)
@@ -144,9 +165,18 @@ def test_weights_are_hashed_once_across_processes_and_again_when_a_file_changes(
     records = [json.loads(p.read_text()) for p in WEIGHT_DIGESTS_DIR.glob("*.json")]
     assert [r["digest"] for r in records if r["model_dir"] == str(model.resolve())] == [digest]
     assert "pytorch_model.bin" not in {name for r in records for name, *_ in r["files"]}
-    child = subprocess.run([sys.executable, "-c", "import sys; from pipeline.artifacts import model_weights_hash as h;"
-                            "import pipeline.artifacts as a; a.hash_files = None; print(h(sys.argv[1]))", str(model)],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pipeline.artifacts import model_weights_hash as h;"
+            "import pipeline.artifacts as a; a.hash_files = None; print(h(sys.argv[1]))",
+            str(model),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert child.stdout.strip() == digest  # remembered: the child could not have hashed (hash_files is gone)
     (model / "config.json").write_text((model / "config.json").read_text() + " ")
     assert model_weights_hash(model) != digest
@@ -165,8 +195,11 @@ def _cli(args, *, env=None, cwd=REPO_ROOT, timeout=600, **popen):
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def _two_nodes(stage: str, config_path: Path, *, node1_prefix: tuple[str, ...] = (), timeout=600):
@@ -174,12 +207,36 @@ def _two_nodes(stage: str, config_path: Path, *, node1_prefix: tuple[str, ...] =
     port = str(ranks.free_port())
     procs = []
     for node in (0, 1):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-                   "-m", "pipeline.cli", stage, "--config", str(config_path)]
-        procs.append(subprocess.Popen([*(node1_prefix if node else ()), *command], cwd=REPO_ROOT,
-                                      env={**launch.job_environment(), "OMP_NUM_THREADS": "1"},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "-m",
+            "pipeline.cli",
+            stage,
+            "--config",
+            str(config_path),
+        ]
+        procs.append(
+            subprocess.Popen(
+                [*(node1_prefix if node else ()), *command],
+                cwd=REPO_ROOT,
+                env={**launch.job_environment(), "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
     return outputs
@@ -193,8 +250,10 @@ def test_two_nodes_of_one_rank_equal_one_node_of_two_ranks(make_config, tmp_path
         config = _prepare(make_config, output_dir=str(tmp_path / layout), num_processes=2, deepspeed=DS_ZERO3)
         if layout == "one-node":
             reference_stage(config.model_copy(update={"num_processes": 1}))  # 1 process: the same scores
-            _cli([sys.executable, "-m", "pipeline.cli", "train", "--config", str(_saved(config, tmp_path, layout))],
-                 check=True)
+            _cli(
+                [sys.executable, "-m", "pipeline.cli", "train", "--config", str(_saved(config, tmp_path, layout))],
+                check=True,
+            )
         else:
             path = _saved(config.model_copy(update={"num_processes": 1}), tmp_path, layout)
             _two_nodes("reference", path)
@@ -218,8 +277,20 @@ def test_deepspeed_launcher_with_two_ranks_as_documented(make_config, tmp_path):
     reference_stage(config)
     path = _saved(config, tmp_path, "cfg")
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    done = _cli([launcher, "--num_gpus", "2", "--master_port", str(ranks.free_port()),
-                 "--module", "pipeline.cli", "train", "--config", str(path)])
+    done = _cli(
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(ranks.free_port()),
+            "--module",
+            "pipeline.cli",
+            "train",
+            "--config",
+            str(path),
+        ]
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert read_summary(Plan.of(config).train_dir)["world_size"] == 2
 
@@ -230,12 +301,27 @@ def test_srun_style_ranks_with_only_slurm_variables(make_config, tmp_path):
     reference_stage(config)
     path = _saved(config, tmp_path, "cfg")
     port = str(ranks.free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(path)], cwd=REPO_ROOT,
-                              env={**launch.job_environment(), "OMP_NUM_THREADS": "1", "MASTER_PORT": port,
-                                   **SRUN_TASK, "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2",
-                                   "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_PROCID": str(r),
-                                   "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "train", "--config", str(path)],
+            cwd=REPO_ROOT,
+            env={
+                **launch.job_environment(),
+                "OMP_NUM_THREADS": "1",
+                "MASTER_PORT": port,
+                **SRUN_TASK,
+                "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_STEP_TASKS_PER_NODE": "2",
+                "SLURM_STEP_NODELIST": "127.0.0.1",
+                "SLURM_PROCID": str(r),
+                "SLURM_LOCALID": str(r),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "RANK" not in procs[0].args and read_summary(Plan.of(config).train_dir)["world_size"] == 2
@@ -267,18 +353,47 @@ def test_two_c10d_nodes_with_different_configs_are_refused_before_any_model_work
     reference_stage(config)
     path, other = _saved(config, tmp_path, "cfg"), _saved(config.model_copy(update={"beta": 0.5}), tmp_path, "b")
     endpoint = f"127.0.0.1:{ranks.free_port()}"  # c10d rendezvous here (the others use a static master)
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
-                               str(node), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                               endpoint, "--rdzv_id", "configs", "-m", "pipeline.cli", "train", "--config", str(cfg)],
-                              cwd=REPO_ROOT,
-                              env={**launch.job_environment(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for node, cfg in ((0, path), (1, other))]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                endpoint,
+                "--rdzv_id",
+                "configs",
+                "-m",
+                "pipeline.cli",
+                "train",
+                "--config",
+                str(cfg),
+            ],
+            cwd=REPO_ROOT,
+            env={**launch.job_environment(), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node, cfg in ((0, path), (1, other))
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode != 0 for p in procs)
     # c10d assigns ranks by arrival: either node may be rank 0, the message names the other one's beta.
-    assert any("rank 1 on" in out and "runs another config than rank 0" in out and
-               ("beta=0.5 there, 0.1 on rank 0" in out or "beta=0.1 there, 0.5 on rank 0" in out)
-               for out in outputs), outputs
+    assert any(
+        "rank 1 on" in out
+        and "runs another config than rank 0" in out
+        and ("beta=0.5 there, 0.1 on rank 0" in out or "beta=0.1 there, 0.5 on rank 0" in out)
+        for out in outputs
+    ), outputs
 
 
 def test_weight_decay_is_applied_under_zero3(make_config, tmp_path):
@@ -290,8 +405,14 @@ def test_weight_decay_is_applied_under_zero3(make_config, tmp_path):
 
     finals = {}
     for name, ds, decay in (("zero3", DS_ZERO3, 0.5), ("zero0", None, 0.5), ("none", None, 0.0)):
-        config = _prepare(make_config, output_dir=str(tmp_path / name), deepspeed=ds, weight_decay=decay,
-                          max_steps=2, learning_rate=1e-2)
+        config = _prepare(
+            make_config,
+            output_dir=str(tmp_path / name),
+            deepspeed=ds,
+            weight_decay=decay,
+            max_steps=2,
+            learning_rate=1e-2,
+        )
         reference_stage(config)
         finals[name] = load_file(train_stage(config) / "final_model" / "model.safetensors")
     weight = "model.layers.0.mlp.up_proj.weight"
@@ -302,8 +423,10 @@ def test_weight_decay_is_applied_under_zero3(make_config, tmp_path):
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_checkpoint(make_config, tmp_path):
     config = _prepare(make_config, output_dir=str(tmp_path / "out"), save_steps=2)
     reference_stage(config)
-    done = _cli([sys.executable, "-m", "pipeline.cli", "train", "--config", str(_saved(config, tmp_path, "c"))],
-                env={"DPO_PIPELINE_INJECT_NONFINITE_LOSS_AT_STEP": "3"})
+    done = _cli(
+        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(_saved(config, tmp_path, "c"))],
+        env={"DPO_PIPELINE_INJECT_NONFINITE_LOSS_AT_STEP": "3"},
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("dpo-pipeline train: error:")]
     assert len(errors) == 1 and "step 3: non-finite loss (nan)" in errors[0]
@@ -317,13 +440,33 @@ def test_tr_dpo_on_two_nodes_equals_one_node_of_two_ranks(make_config, tmp_path)
     with two ranks; the same losses, the same reference versions and one reference forward per example."""
     runs = {}
     for layout in ("one-node", "two-nodes"):
-        config = _prepare(make_config, output_dir=str(tmp_path / layout), sync_ref_model=True,
-                          ref_model_sync_steps=2, max_steps=4, ref_model_mixup_alpha=0.5,
-                          save_reference_versions=True)  # the versions' weights, gathered from the slices
+        config = _prepare(
+            make_config,
+            output_dir=str(tmp_path / layout),
+            sync_ref_model=True,
+            ref_model_sync_steps=2,
+            max_steps=4,
+            ref_model_mixup_alpha=0.5,
+            save_reference_versions=True,
+        )  # the versions' weights, gathered from the slices
         path = _saved(config, tmp_path, layout)
         if layout == "one-node":
-            done = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                         str(ranks.free_port()), "-m", "pipeline.cli", "train", "--config", str(path)])
+            done = _cli(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    "2",
+                    "--master_port",
+                    str(ranks.free_port()),
+                    "-m",
+                    "pipeline.cli",
+                    "train",
+                    "--config",
+                    str(path),
+                ]
+            )
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         else:
             _two_nodes("train", path)
@@ -346,10 +489,16 @@ def test_a_hostfile_naming_an_unknown_host_is_refused_before_launching(make_conf
     config = make_config(launcher="deepspeed", hostfile=str(hostfile), num_processes=2)
     save_config(config, tmp_path / "c.yaml")
     # In a network namespace of its own (no interfaces): the failed lookup never leaves this process.
-    check = ("import sys; from pipeline.config import load_config; from pipeline.launch import check_launch;"
-             "check_launch(load_config(sys.argv[1]))")
+    check = (
+        "import sys; from pipeline.config import load_config; from pipeline.launch import check_launch;"
+        "check_launch(load_config(sys.argv[1]))"
+    )
     if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare -n (a private network namespace) is not permitted here")
-    done = subprocess.run(["unshare", "-n", sys.executable, "-c", check, str(tmp_path / "c.yaml")], cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", check, str(tmp_path / "c.yaml")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert "line 2: host 'node-that-does-not-exist' does not resolve" in done.stderr

@@ -24,7 +24,10 @@ def test_shipped_configs_load():
 
 def test_trl_dpo_config_yaml_loads_unchanged(tmp_path):
     # Keys exactly as a TRL DPOConfig YAML spells them.
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
         model_name_or_path: Qwen/Qwen2-0.5B-Instruct
         dataset_name: trl-lib/ultrafeedback_binarized
         output_dir: out
@@ -53,7 +56,9 @@ def test_trl_dpo_config_yaml_loads_unchanged(tmp_path):
         max_steps: -1
         seed: 0
         deepspeed: configs/ds_zero3.json
-    """))
+    """,
+        )
+    )
     assert cfg.loss_types == ("sigmoid", "bco_pair", "sft")
     assert cfg.loss_spec().loss_weights == (0.8, 0.2, 1.0)
     assert cfg.truncation_mode == "keep_start" and cfg.ref_model_mixup_alpha == 0.9
@@ -66,19 +71,22 @@ def test_unknown_key_names_closest_valid_key(tmp_path):
         load_config(None, ["learning_rat=0.1"])
 
 
-@pytest.mark.parametrize("override, field", [
-    ("beta=0", "beta"),
-    ("label_smoothing=0.5", "label_smoothing"),
-    ("label_smoothing=-0.1", "label_smoothing"),
-    ("max_prompt_length=2048", "max_prompt_length"),
-    ("ref_model_sync_steps=0", "ref_model_sync_steps"),
-    ("ref_model_mixup_alpha=0", "ref_model_mixup_alpha"),
-    ("ref_model_mixup_alpha=1.5", "ref_model_mixup_alpha"),
-    ("f_divergence_type=hellinger", "f_divergence_type"),
-    ("per_device_train_batch_size=0", "per_device_train_batch_size"),
-    ("truncation_mode=middle", "truncation_mode"),
-    ("loss_type=sigmoidd", "loss_type"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("beta=0", "beta"),
+        ("label_smoothing=0.5", "label_smoothing"),
+        ("label_smoothing=-0.1", "label_smoothing"),
+        ("max_prompt_length=2048", "max_prompt_length"),
+        ("ref_model_sync_steps=0", "ref_model_sync_steps"),
+        ("ref_model_mixup_alpha=0", "ref_model_mixup_alpha"),
+        ("ref_model_mixup_alpha=1.5", "ref_model_mixup_alpha"),
+        ("f_divergence_type=hellinger", "f_divergence_type"),
+        ("per_device_train_batch_size=0", "per_device_train_batch_size"),
+        ("truncation_mode=middle", "truncation_mode"),
+        ("loss_type=sigmoidd", "loss_type"),
+    ],
+)
 def test_out_of_range_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, [override])
@@ -90,8 +98,10 @@ def test_sync_ref_model_with_reference_free_is_refused():
 
 
 def test_overrides_parse_as_yaml_and_win_over_the_file(tmp_path):
-    cfg = load_config(write(tmp_path, "beta: 0.3\nmax_completion_length: 100\n"),
-                      ["beta=0.2", "loss_type=[sigmoid,ipo]", "loss_weights=[0.5,0.5]", "max_completion_length=null"])
+    cfg = load_config(
+        write(tmp_path, "beta: 0.3\nmax_completion_length: 100\n"),
+        ["beta=0.2", "loss_type=[sigmoid,ipo]", "loss_weights=[0.5,0.5]", "max_completion_length=null"],
+    )
     assert cfg.beta == 0.2 and cfg.loss_types == ("sigmoid", "ipo") and cfg.max_completion_length is None
     assert parse_override("seed=7") == ("seed", 7)
     with pytest.raises(ConfigError, match="key=value"):

@@ -44,11 +44,15 @@ def tokenizer(tiny_model_dir):
 # The rule itself: tests/test_truncation.py.
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
 def test_stage_truncates_and_flags_rows(make_config, tokenizer, tmp_path, mode):
-    row = {"prompt": "what colour is a banana ? " * 4, "chosen": "sure . a banana is yellow . " * 3,
-           "rejected": "ugh ."}
+    row = {
+        "prompt": "what colour is a banana ? " * 4,
+        "chosen": "sure . a banana is yellow . " * 3,
+        "rejected": "ugh .",
+    }
     data = write_jsonl(tmp_path / "long.jsonl", [row])
-    config = make_config(dataset_name=str(data), max_length=20, max_prompt_length=8, max_completion_length=16,
-                         truncation_mode=mode)
+    config = make_config(
+        dataset_name=str(data), max_length=20, max_prompt_length=8, max_completion_length=16, truncation_mode=mode
+    )
     out = tokenize_stage(config)
     got = load_tokenized(out, "train").to_pylist()[0]
     prompt = tokenizer(row["prompt"])["input_ids"]
@@ -86,7 +90,10 @@ def test_standard_rows_schema_and_manifest(tokenized_dir, tokenizer, make_config
     assert manifest["fingerprint"].startswith(tokenized_dir.name)
     assert set(manifest["files"]) == {"train.parquet", "eval.parquet"}
     assert (manifest["pad_token_id"], manifest["eos_token_id"], manifest["bos_token_id"]) == (
-        tokenizer.pad_token_id, eos, tokenizer.bos_token_id)
+        tokenizer.pad_token_id,
+        eos,
+        tokenizer.bos_token_id,
+    )
     assert manifest["vocab_size"] == len(tokenizer)
     assert manifest["dataset"]["train"]["format"] == "standard"
     counts = manifest["counts"]
@@ -135,8 +142,7 @@ def test_parquet_and_saved_dataset_sources_match_jsonl(make_config, tokenized_di
     (tmp_path / "pq").mkdir()
     for split, rows in splits.items():
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pq" / f"{split}.parquet")
-    datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in splits.items()}).save_to_disk(
-        tmp_path / "hf")
+    datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in splits.items()}).save_to_disk(tmp_path / "hf")
     for source in (tmp_path / "pq", tmp_path / "hf"):
         out = tokenize_stage(make_config(dataset_name=str(source), output_dir=str(tmp_path / source.name)))
         for split in ("train", "eval"):
@@ -181,8 +187,7 @@ def test_complete_artifact_is_reused(make_config, tokenized_dir, caplog):
     assert (tokenized_dir / "train.parquet").stat().st_mtime_ns == before
 
 
-def test_fingerprint_is_known_before_and_changes_with_every_input(make_config, tokenized_dir, tiny_model_dir,
-                                                                  tmp_path):
+def test_fingerprint_is_known_before_and_changes_with_every_input(make_config, tokenized_dir, tiny_model_dir, tmp_path):
     base = tokenized_fingerprint(make_config())
     assert base == tokenized_manifest(tokenized_dir)["fingerprint"]
     data = Path(make_config().dataset_name) / "test.jsonl"
@@ -256,11 +261,14 @@ def test_malformed_json_line_names_the_line(make_config, tmp_path):
         tokenize_stage(make_config(dataset_name=str(data)))
 
 
-@pytest.mark.parametrize("bad_row, message", [
-    ({"prompt": "p", "chosen": "c"}, "line 2: missing field 'rejected'"),
-    ({"prompt": "p", "chosen": 5, "rejected": "r"}, "line 2: field 'chosen' must be a string"),
-    ({"chosen": "c", "rejected": "r"}, "line 2: missing field 'prompt'"),
-])
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ({"prompt": "p", "chosen": "c"}, "line 2: missing field 'rejected'"),
+        ({"prompt": "p", "chosen": 5, "rejected": "r"}, "line 2: field 'chosen' must be a string"),
+        ({"chosen": "c", "rejected": "r"}, "line 2: missing field 'prompt'"),
+    ],
+)
 def test_bad_standard_row_names_file_line_and_field(make_config, tmp_path, bad_row, message):
     data = write_jsonl(tmp_path / "rows.jsonl", [GOOD, bad_row])
     with pytest.raises(DataError, match=f"{data} {message}"):
@@ -288,14 +296,19 @@ def test_unreadable_parquet(make_config, tmp_path):
         tokenize_stage(make_config(dataset_name=str(data)))
 
 
-@pytest.mark.parametrize("template, message", [
-    (None, "no chat template"),
-    # The generation prompt ends in a newline, the assistant message does not: no common prefix to split on.
-    ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{{ eos_token }}{% endfor %}"
-     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}", "line 1: field 'chosen': the chat template"),
-])
-def test_conversational_rows_need_a_consistent_chat_template(make_config, tiny_model_dir, tmp_path, template,
-                                                             message):
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (None, "no chat template"),
+        # The generation prompt ends in a newline, the assistant message does not: no common prefix to split on.
+        (
+            "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{{ eos_token }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+            "line 1: field 'chosen': the chat template",
+        ),
+    ],
+)
+def test_conversational_rows_need_a_consistent_chat_template(make_config, tiny_model_dir, tmp_path, template, message):
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     (model / "chat_template.jinja").unlink()
     if template is not None:
@@ -309,24 +322,33 @@ def test_conversational_rows_need_a_consistent_chat_template(make_config, tiny_m
 def test_unusable_rows_are_skipped_counted_and_logged(make_config, tmp_path, caplog):
     base = GOOD | {"rejected": "ugh , 5 ."}  # differs from chosen in its first token
     rows = [
-        base,                                                                      # 0 kept
-        base | {"prompt": "   "},                                                  # 1 empty_prompt
-        base | {"rejected": ""},                                                   # 2 empty_completion
-        base | {"rejected": base["chosen"]},                                       # 3 identical_completions
-        base | {"prompt": "what colour is a banana ? " * 20},                      # 4 prompt_exceeds_max_length
+        base,  # 0 kept
+        base | {"prompt": "   "},  # 1 empty_prompt
+        base | {"rejected": ""},  # 2 empty_completion
+        base | {"rejected": base["chosen"]},  # 3 identical_completions
+        base | {"prompt": "what colour is a banana ? " * 20},  # 4 prompt_exceeds_max_length
         base | {"chosen": "sure . a fig is purple .", "rejected": "sure . a fig is red ."},  # 5 same first 3 tokens
-        base | {"chosen": "sure , fine ."},                                        # 6 kept
+        base | {"chosen": "sure , fine ."},  # 6 kept
     ]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    config = make_config(dataset_name=str(data), max_length=40, max_prompt_length=None, max_completion_length=3,
-                         truncation_mode="keep_start")
+    config = make_config(
+        dataset_name=str(data),
+        max_length=40,
+        max_prompt_length=None,
+        max_completion_length=3,
+        truncation_mode="keep_start",
+    )
     with caplog.at_level(logging.WARNING, logger="pipeline.tokenize"):
         out = tokenize_stage(config)
     assert load_tokenized(out, "train").column("example_id").to_pylist() == [0, 6]  # the same ids, with gaps
     manifest = tokenized_manifest(out)
     assert manifest["counts"]["skipped"] == {
-        "empty_prompt": 1, "empty_completion": 1, "identical_completions": 1, "prompt_exceeds_max_length": 1,
-        "identical_after_truncation": 1}
+        "empty_prompt": 1,
+        "empty_completion": 1,
+        "identical_completions": 1,
+        "prompt_exceeds_max_length": 1,
+        "identical_after_truncation": 1,
+    }
     assert (manifest["counts"]["train"]["rows_read"], manifest["counts"]["train"]["rows_written"]) == (7, 2)
     assert manifest["skipped_example_ids"]["train"]["prompt_exceeds_max_length"] == [4]
     assert "skipped 1 rows (identical_after_truncation), first at lines 6" in caplog.text

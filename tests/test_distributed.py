@@ -12,12 +12,14 @@ HIDDEN = 64  # the tiny default model's hidden size
 
 
 def config(**overrides):
-    return load_config(None, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                              "learning_rate": 1e-4, **overrides})
+    return load_config(
+        None, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-4, **overrides}
+    )
 
 
-@pytest.mark.parametrize("name, stage", [("ds_zero1.json", 1), ("ds_zero2.json", 2), ("ds_zero3.json", 3),
-                                         ("ds_zero3_offload.json", 3)])
+@pytest.mark.parametrize(
+    "name, stage", [("ds_zero1.json", 1), ("ds_zero2.json", 2), ("ds_zero3.json", 3), ("ds_zero3_offload.json", 3)]
+)
 def test_shipped_configs_fill_auto(name, stage):
     ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / name)), world=2, gpu=False, hidden_size=HIDDEN)
     assert zero_stage(ds) == stage
@@ -32,8 +34,11 @@ def test_shipped_configs_fill_auto(name, stage):
 
 def test_conflicting_batch_size_is_refused(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_batch_size": 32, "train_micro_batch_size_per_gpu": "auto",
-                                "zero_optimization": {"stage": 2}}))
+    path.write_text(
+        json.dumps(
+            {"train_batch_size": 32, "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+        )
+    )
     with pytest.raises(ConfigError, match=rf"{path}: sets train_batch_size=32.*gives 16"):
         resolve_ds_config(config(deepspeed=str(path)), world=2, gpu=False, hidden_size=HIDDEN)
 
@@ -63,24 +68,36 @@ def test_fp16_on_cpu_and_missing_file_are_refused_when_the_config_is_loaded(tmp_
 
 
 def test_inference_config_drops_training_sections():
-    ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / "ds_zero3.json"),
-                                  precompute_ref_batch_size=32), world=2, gpu=False, hidden_size=HIDDEN,
-                           inference=True)
+    ds = resolve_ds_config(
+        config(deepspeed=str(REPO_ROOT / "configs" / "ds_zero3.json"), precompute_ref_batch_size=32),
+        world=2,
+        gpu=False,
+        hidden_size=HIDDEN,
+        inference=True,
+    )
     assert ds["train_micro_batch_size_per_gpu"] == 32 and "train_batch_size" not in ds
 
 
 def test_bucket_sizes_follow_the_model_hidden_size_like_the_hf_trainer(tmp_path):
-    ds = resolve_ds_config(config(deepspeed=str(REPO_ROOT / "configs" / "ds_zero3.json")), world=2, gpu=False,
-                           hidden_size=HIDDEN)
+    ds = resolve_ds_config(
+        config(deepspeed=str(REPO_ROOT / "configs" / "ds_zero3.json")), world=2, gpu=False, hidden_size=HIDDEN
+    )
     zero = ds["zero_optimization"]
-    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
-            zero["stage3_param_persistence_threshold"]) == (64 * 64, int(0.9 * 64 * 64), 640)
+    assert (
+        zero["reduce_bucket_size"],
+        zero["stage3_prefetch_bucket_size"],
+        zero["stage3_param_persistence_threshold"],
+    ) == (64 * 64, int(0.9 * 64 * 64), 640)
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345,
-                                                      "stage3_prefetch_bucket_size": "auto"}}))
-    zero = resolve_ds_config(config(deepspeed=str(path)), world=1, gpu=False, hidden_size=HIDDEN,
-                             inference=True)["zero_optimization"]
+    path.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345, "stage3_prefetch_bucket_size": "auto"}}
+        )
+    )
+    zero = resolve_ds_config(config(deepspeed=str(path)), world=1, gpu=False, hidden_size=HIDDEN, inference=True)[
+        "zero_optimization"
+    ]
     assert zero["reduce_bucket_size"] == 12345 and zero["stage3_prefetch_bucket_size"] == 3686
     assert "stage3_param_persistence_threshold" not in zero  # DeepSpeed's own default when absent
-    with pytest.raises(ConfigError, match="stage3_prefetch_bucket_size are \"auto\" but the config.json"):
+    with pytest.raises(ConfigError, match='stage3_prefetch_bucket_size are "auto" but the config.json'):
         resolve_ds_config(config(deepspeed=str(path)), world=1, gpu=False, hidden_size=None)

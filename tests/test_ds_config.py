@@ -28,22 +28,42 @@ from pipeline.errors import ConfigError
 from pipeline.plan import Plan
 
 CONFIGS = REPO_ROOT / "configs"
-AUTO_BATCH = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "train_batch_size": "auto", "gradient_clipping": "auto"}
+AUTO_BATCH = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+}
 AUTO_WARMUP = {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}
 # The transformers docs' ZeRO-3 example (tests/deepspeed/ds_config_zero3.json in transformers), as written there.
 HF_DOCS_ZERO3 = {
-    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-             "hysteresis": 2, "min_loss_scale": 1},
+    "fp16": {
+        "enabled": "auto",
+        "loss_scale": 0,
+        "loss_scale_window": 1000,
+        "initial_scale_power": 16,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    },
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
     "scheduler": {"type": "WarmupLR", "params": AUTO_WARMUP},
     "zero_optimization": {
-        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-        "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True, "contiguous_gradients": True,
-        "sub_group_size": 1e14, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
-        "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True},
-    **AUTO_BATCH, "steps_per_print": 2000, "wall_clock_breakdown": False,
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True},
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "sub_group_size": 1e14,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    **AUTO_BATCH,
+    "steps_per_print": 2000,
+    "wall_clock_breakdown": False,
 }
 
 
@@ -61,34 +81,56 @@ def refusal(**values) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- at config load
-@pytest.mark.parametrize("ds, expected", [
-    ("{not json", "is not valid JSON"),
-    ({"scheduler": {"type": "CosineLR", "params": {}}}, "scheduler.type 'CosineLR' is not one of DeepSpeed's"),
-    ({"optimizer": {"type": "AdamQ", "params": {}}}, "optimizer.type 'AdamQ' is not an optimizer DeepSpeed knows "
-                                                      "(did you mean 'Adam'?)"),
-    ({"scheduler": {"type": "WarmupCosineLR", "params": {**AUTO_WARMUP, "total_num_steps": "auto"}}},
-     "scheduler.params.warmup_min_lr: WarmupCosineLR takes no such parameter (it scales the optimizer's lr by "
-     "ratios: use warmup_min_ratio / cos_min_ratio); remove it"),
-    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "cos_min_ratio": "auto"}}},
-     "scheduler.params.cos_min_ratio is \"auto\", which the HF Trainer never fills (nor does this pipeline); set a "
-     "value (DeepSpeed's default: 0.0001)"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "auto"}}},
-     "scheduler.params.warmup_type is \"auto\""),
-    ({"scheduler": {"type": "WarmupDecayLR", "params": AUTO_WARMUP}},
-     "scheduler.params.total_num_steps is required by WarmupDecayLR; add it (\"auto\": the run's number"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10.0}}},
-     "scheduler.params.warmup_num_steps must be a positive integer (DeepSpeed refuses 10.0)"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cosine"}}}, "warmup_type must be log or linear"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 3e-4}}},
-     "sets scheduler.params.warmup_max_lr=0.0003 but the config's learning_rate gives 0.001"),
-    ({"optimizer": {"type": "AdamW", "params": {"max_grad_norm": 1.0}}}, "optimizer.params.max_grad_norm is refused"),
-    ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, "zero_optimization.sub_group_size is \"auto\""),
-    ({"zero_optimization": {"stage": "auto"}}, "zero_optimization.stage must be 0, 1, 2 or 3"),
-    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled and bf16.enabled are both true"),
-    ({"fp16": {"enabled": True}}, "fp16.enabled is true but the stage jobs run without CUDA here (device: cpu)"),
-    ({"gradient_accumulation_steps": 4}, "sets gradient_accumulation_steps=4 but the config's "
-                                         "gradient_accumulation_steps gives 1"),
-])
+@pytest.mark.parametrize(
+    "ds, expected",
+    [
+        ("{not json", "is not valid JSON"),
+        ({"scheduler": {"type": "CosineLR", "params": {}}}, "scheduler.type 'CosineLR' is not one of DeepSpeed's"),
+        (
+            {"optimizer": {"type": "AdamQ", "params": {}}},
+            "optimizer.type 'AdamQ' is not an optimizer DeepSpeed knows (did you mean 'Adam'?)",
+        ),
+        (
+            {"scheduler": {"type": "WarmupCosineLR", "params": {**AUTO_WARMUP, "total_num_steps": "auto"}}},
+            "scheduler.params.warmup_min_lr: WarmupCosineLR takes no such parameter (it scales the optimizer's lr by "
+            "ratios: use warmup_min_ratio / cos_min_ratio); remove it",
+        ),
+        (
+            {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "cos_min_ratio": "auto"}}},
+            'scheduler.params.cos_min_ratio is "auto", which the HF Trainer never fills (nor does this pipeline); '
+            "set a value (DeepSpeed's default: 0.0001)",
+        ),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "auto"}}},
+            'scheduler.params.warmup_type is "auto"',
+        ),
+        (
+            {"scheduler": {"type": "WarmupDecayLR", "params": AUTO_WARMUP}},
+            'scheduler.params.total_num_steps is required by WarmupDecayLR; add it ("auto": the run\'s number',
+        ),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10.0}}},
+            "scheduler.params.warmup_num_steps must be a positive integer (DeepSpeed refuses 10.0)",
+        ),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cosine"}}}, "warmup_type must be log or linear"),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 3e-4}}},
+            "sets scheduler.params.warmup_max_lr=0.0003 but the config's learning_rate gives 0.001",
+        ),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"max_grad_norm": 1.0}}},
+            "optimizer.params.max_grad_norm is refused",
+        ),
+        ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, 'zero_optimization.sub_group_size is "auto"'),
+        ({"zero_optimization": {"stage": "auto"}}, "zero_optimization.stage must be 0, 1, 2 or 3"),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled and bf16.enabled are both true"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled is true but the stage jobs run without CUDA here (device: cpu)"),
+        (
+            {"gradient_accumulation_steps": 4},
+            "sets gradient_accumulation_steps=4 but the config's gradient_accumulation_steps gives 1",
+        ),
+    ],
+)
 def test_a_bad_ds_config_is_one_line_naming_the_file_and_key_when_the_config_is_loaded(tmp_path, ds, expected):
     path = write(tmp_path / "ds.json", ds)
     message = refusal(deepspeed=path, learning_rate=1e-3, device="cpu")
@@ -106,22 +148,29 @@ def test_every_stage_refuses_a_bad_ds_config_before_any_work(tmp_path, capsys):
     assert "ds_config file not found" in refusal(deepspeed=str(tmp_path / "missing.json"))
 
 
-@pytest.mark.parametrize("values, expected", [
-    ({"optim": "paged_adamw_8bit"}, "optim: 'paged_adamw_8bit' is a bitsandbytes optimizer"),
-    ({"optim": "galore_adamw"}, "needs whole matrices, not ZeRO's flat partitions"),
-    ({"optim": "schedule_free_adamw"}, "use adamw_torch_fused with lr_scheduler_type constant_with_warmup"),
-    ({"optim": "adamw_torhc"}, "unknown optimizer; one of adamw_torch, adamw_torch_fused"),
-    ({"optim": "adagrad", "deepspeed": str(CONFIGS / "ds_zero2.json")},
-     "Adagrad under ZeRO stage 2: DeepSpeed replaces it with a new Adagrad"),
-    ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "steps on evaluation metrics"),
-    ({"lr_scheduler_type": "cosine_with_min_lr"}, "needs exactly one of min_lr and min_lr_rate"),
-    ({"lr_scheduler_type": "warmup_stable_decay"}, "warmup_stable_decay needs 'num_decay_steps'"),
-    ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}},
-     "cosine takes no 'min_lr_rate' (it accepts: num_cycles)"),
-    ({"lr_scheduler_kwargs": "{min_lr_rate"}, "lr_scheduler_kwargs: not a JSON object"),
-    ({"warmup_steps": 0.1, "warmup_ratio": 0.1}, "warmup_steps (0.1) and warmup_ratio (0.1) are both set"),
-    ({"warmup_steps": 2.5}, "warmup_steps: must be a step count (an integer >= 1) or a ratio"),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"optim": "paged_adamw_8bit"}, "optim: 'paged_adamw_8bit' is a bitsandbytes optimizer"),
+        ({"optim": "galore_adamw"}, "needs whole matrices, not ZeRO's flat partitions"),
+        ({"optim": "schedule_free_adamw"}, "use adamw_torch_fused with lr_scheduler_type constant_with_warmup"),
+        ({"optim": "adamw_torhc"}, "unknown optimizer; one of adamw_torch, adamw_torch_fused"),
+        (
+            {"optim": "adagrad", "deepspeed": str(CONFIGS / "ds_zero2.json")},
+            "Adagrad under ZeRO stage 2: DeepSpeed replaces it with a new Adagrad",
+        ),
+        ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "steps on evaluation metrics"),
+        ({"lr_scheduler_type": "cosine_with_min_lr"}, "needs exactly one of min_lr and min_lr_rate"),
+        ({"lr_scheduler_type": "warmup_stable_decay"}, "warmup_stable_decay needs 'num_decay_steps'"),
+        (
+            {"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}},
+            "cosine takes no 'min_lr_rate' (it accepts: num_cycles)",
+        ),
+        ({"lr_scheduler_kwargs": "{min_lr_rate"}, "lr_scheduler_kwargs: not a JSON object"),
+        ({"warmup_steps": 0.1, "warmup_ratio": 0.1}, "warmup_steps (0.1) and warmup_ratio (0.1) are both set"),
+        ({"warmup_steps": 2.5}, "warmup_steps: must be a step count (an integer >= 1) or a ratio"),
+    ],
+)
 def test_optim_and_schedule_names_are_checked_when_the_config_is_loaded(values, expected):
     assert expected in refusal(**values)
 
@@ -155,67 +204,96 @@ def test_warmup_steps_below_one_are_a_ratio_and_warmup_ratio_still_counts():
 
     assert (warmup(), warmup(warmup_steps=3), warmup(warmup_steps=0.25), warmup(warmup_ratio=0.25)) == (0, 3, 3, 3)
     assert load_config(None, {"lr_scheduler_kwargs": None}).lr_scheduler_kwargs == {}
-    from_json = load_config(None, {"lr_scheduler_type": "cosine_with_min_lr",
-                                   "lr_scheduler_kwargs": '{"min_lr_rate": 0.1}'})  # the command line's form
+    from_json = load_config(
+        None, {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": '{"min_lr_rate": 0.1}'}
+    )  # the command line's form
     assert from_json.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
 
 
 # ---------------------------------------------------------------------------------------------- accelerate YAMLs
 def test_trl_names_synthesise_the_ds_config_accelerate_builds():
     ds = user_ds_config(load_config(None, {"accelerate_config": "zero3", "bf16": True}))
-    assert ds == {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-                  "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"},
-                                        "offload_param": {"device": "none"},
-                                        "stage3_gather_16bit_weights_on_model_save": True},
-                  "steps_per_print": 1_000_000, "bf16": {"enabled": True}, "fp16": {"enabled": False}}
+    assert ds == {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "none"},
+            "offload_param": {"device": "none"},
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "steps_per_print": 1_000_000,
+        "bf16": {"enabled": True},
+        "fp16": {"enabled": False},
+    }
     for name, stage in (("zero1", 1), ("zero2", 2)):
         ds = user_ds_config(load_config(None, {"accelerate_config": name, "bf16": True}))
         assert ds["zero_optimization"]["stage"] == stage
         assert not ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    resolved = resolve_ds_config(load_config(None, {"accelerate_config": "zero2", "bf16": True}), world=2, gpu=False,
-                                 hidden_size=64)
+    resolved = resolve_ds_config(
+        load_config(None, {"accelerate_config": "zero2", "bf16": True}), world=2, gpu=False, hidden_size=64
+    )
     assert resolved["train_batch_size"] == 16 and "auto" not in json.dumps(resolved)
 
 
 def test_an_accelerate_yaml_is_read_as_accelerate_reads_it(tmp_path):
     def yaml_config(**fields):
         ds_fields = fields.pop("deepspeed_config", {})
-        return write(tmp_path / "acc.yaml", yaml.safe_dump({"distributed_type": "DEEPSPEED",
-                                                            "deepspeed_config": ds_fields, **fields}))
+        return write(
+            tmp_path / "acc.yaml",
+            yaml.safe_dump({"distributed_type": "DEEPSPEED", "deepspeed_config": ds_fields, **fields}),
+        )
 
-    path = yaml_config(deepspeed_config={"zero_stage": 2, "offload_optimizer_device": "cpu",
-                                         "gradient_accumulation_steps": 4, "gradient_clipping": 0.5})
-    ds = user_ds_config(load_config(None, {"accelerate_config": path, "gradient_accumulation_steps": 4,
-                                           "max_grad_norm": 0.5}))
+    path = yaml_config(
+        deepspeed_config={
+            "zero_stage": 2,
+            "offload_optimizer_device": "cpu",
+            "gradient_accumulation_steps": 4,
+            "gradient_clipping": 0.5,
+        }
+    )
+    ds = user_ds_config(
+        load_config(None, {"accelerate_config": path, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5})
+    )
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (4, 0.5)
     assert "sets gradient_accumulation_steps=4 but the config's" in refusal(accelerate_config=path)
     assert "deepspeed_config.zero_stag is not read here" in refusal(
-        accelerate_config=yaml_config(deepspeed_config={"zero_stag": 3}))
+        accelerate_config=yaml_config(deepspeed_config={"zero_stag": 3})
+    )
     assert "unknown key 'mixed_precison'" in refusal(accelerate_config=yaml_config(mixed_precison="bf16"))
     # An unquoted `no` is YAML's false: still accelerate's "no".
     assert "mixed_precision: no but the config has bf16: true" in refusal(
-        accelerate_config=write(tmp_path / "no.yaml", "distributed_type: DEEPSPEED\nmixed_precision: no\n"), bf16=True)
+        accelerate_config=write(tmp_path / "no.yaml", "distributed_type: DEEPSPEED\nmixed_precision: no\n"), bf16=True
+    )
     assert "mixed_precision: bf16 but the config has bf16: false; make them agree" in refusal(accelerate_config="zero3")
     assert "distributed_type: FSDP; this pipeline shards with DeepSpeed ZeRO: set deepspeed: configs/ds_zero3.json" in (
-        refusal(accelerate_config=yaml_config(distributed_type="FSDP")))
+        refusal(accelerate_config=yaml_config(distributed_type="FSDP"))
+    )
     assert "distributed_type: MULTI_GPU; only DEEPSPEED configs" in refusal(
-        accelerate_config=yaml_config(distributed_type="MULTI_GPU"))
+        accelerate_config=yaml_config(distributed_type="MULTI_GPU")
+    )
     assert "TRL's 'fsdp2' is a FSDP config" in refusal(accelerate_config="fsdp2")
-    assert "are both set; keep one" in refusal(accelerate_config="zero3", bf16=True,
-                                               deepspeed=str(CONFIGS / "ds_zero2.json"))
+    assert "are both set; keep one" in refusal(
+        accelerate_config="zero3", bf16=True, deepspeed=str(CONFIGS / "ds_zero2.json")
+    )
     # With deepspeed_config_file: that JSON; the settings it owns may not be repeated beside it.
     assert "sets zero_stage beside deepspeed_config_file; accelerate refuses that" in refusal(
-        accelerate_config=yaml_config(deepspeed_config={"deepspeed_config_file": str(CONFIGS / "ds_zero2.json"),
-                                                        "zero_stage": 3}))
+        accelerate_config=yaml_config(
+            deepspeed_config={"deepspeed_config_file": str(CONFIGS / "ds_zero2.json"), "zero_stage": 3}
+        )
+    )
     no_zero = write(tmp_path / "ds.json", {"train_batch_size": "auto"})
     assert "has no zero_optimization section, which accelerate requires" in refusal(
-        accelerate_config=yaml_config(deepspeed_config={"deepspeed_config_file": no_zero}))
+        accelerate_config=yaml_config(deepspeed_config={"deepspeed_config_file": no_zero})
+    )
     fp16 = write(tmp_path / "fp16.json", {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}})
     assert "mixed_precision: bf16 but its ds_config enables fp16" in refusal(
         accelerate_config=yaml_config(mixed_precision="bf16", deepspeed_config={"deepspeed_config_file": fp16}),
-        bf16=True)
+        bf16=True,
+    )
 
 
 def test_the_plan_hashes_the_effective_ds_config_however_it_was_given(make_config, tmp_path):
@@ -256,6 +334,7 @@ def prepared(make_config, shared_out):
         tokenize_stage(config)
         reference_stage(config)
         return config
+
     return make
 
 
@@ -293,22 +372,40 @@ def deepspeed_lrs(kind: str, params: dict, lr: float, steps: int) -> list[float]
     return rates
 
 
-@pytest.mark.parametrize("kind, params, warmup_steps, expected_params", [
-    ("WarmupLR", AUTO_WARMUP, 3, {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 3}),
-    ("WarmupDecayLR", {**AUTO_WARMUP, "total_num_steps": "auto", "warmup_type": "linear"}, 0.25,
-     {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 2, "total_num_steps": 8,
-      "warmup_type": "linear"}),
-    # No warmup: DeepSpeed refuses warmup_num_steps 0, so "auto" is 1 (the HF Trainer's max(1, ...)).
-    ("WarmupCosineLR", {"warmup_num_steps": "auto", "total_num_steps": "auto", "cos_min_ratio": 0.1}, 0,
-     {"warmup_num_steps": 1, "total_num_steps": 8, "cos_min_ratio": 0.1}),
-])
-def test_a_ds_config_scheduler_section_sets_the_learning_rate(prepared, tmp_path, kind, params, warmup_steps,
-                                                              expected_params):
+@pytest.mark.parametrize(
+    "kind, params, warmup_steps, expected_params",
+    [
+        ("WarmupLR", AUTO_WARMUP, 3, {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 3}),
+        (
+            "WarmupDecayLR",
+            {**AUTO_WARMUP, "total_num_steps": "auto", "warmup_type": "linear"},
+            0.25,
+            {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": 1e-3,
+                "warmup_num_steps": 2,
+                "total_num_steps": 8,
+                "warmup_type": "linear",
+            },
+        ),
+        # No warmup: DeepSpeed refuses warmup_num_steps 0, so "auto" is 1 (the HF Trainer's max(1, ...)).
+        (
+            "WarmupCosineLR",
+            {"warmup_num_steps": "auto", "total_num_steps": "auto", "cos_min_ratio": 0.1},
+            0,
+            {"warmup_num_steps": 1, "total_num_steps": 8, "cos_min_ratio": 0.1},
+        ),
+    ],
+)
+def test_a_ds_config_scheduler_section_sets_the_learning_rate(
+    prepared, tmp_path, kind, params, warmup_steps, expected_params
+):
     from pipeline.train.stage import train_stage
 
     ds = {**AUTO_BATCH, "zero_optimization": {"stage": 2}, "scheduler": {"type": kind, "params": params}}
-    config = prepared(deepspeed=write(tmp_path / "ds.json", ds), warmup_steps=warmup_steps,
-                      lr_scheduler_type="cosine")  # not used: the section owns the schedule
+    config = prepared(
+        deepspeed=write(tmp_path / "ds.json", ds), warmup_steps=warmup_steps, lr_scheduler_type="cosine"
+    )  # not used: the section owns the schedule
     resolved = resolve_ds_config(config, world=1, gpu=False, hidden_size=64, num_training_steps=8)
     assert resolved["scheduler"]["params"] == expected_params
     expected = deepspeed_lrs(kind, expected_params, 1e-3, 8)
@@ -319,8 +416,11 @@ def test_a_ds_config_scheduler_section_sets_the_learning_rate(prepared, tmp_path
 def test_a_resumed_run_with_a_scheduler_section_continues_bit_for_bit(prepared, tmp_path):
     from pipeline.train.stage import train_stage
 
-    ds = {**AUTO_BATCH, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"},
-          "scheduler": {"type": "WarmupDecayLR", "params": {**AUTO_WARMUP, "total_num_steps": "auto"}}}
+    ds = {
+        **AUTO_BATCH,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"},
+        "scheduler": {"type": "WarmupDecayLR", "params": {**AUTO_WARMUP, "total_num_steps": "auto"}},
+    }
     config = prepared(deepspeed=write(tmp_path / "ds.json", ds), max_steps=5, warmup_steps=2, save_steps=None)
     run = train_stage(config)
     uninterrupted = load_file(run / "final_model" / "model.safetensors")
@@ -337,8 +437,12 @@ def test_a_resumed_run_with_a_scheduler_section_continues_bit_for_bit(prepared, 
 def test_lr_scheduler_kwargs_reach_the_transformers_schedule(prepared):
     from pipeline.train.stage import train_stage
 
-    config = prepared(deepspeed=str(CONFIGS / "ds_zero2.json"), lr_scheduler_type="cosine_with_min_lr",
-                      lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.25)
+    config = prepared(
+        deepspeed=str(CONFIGS / "ds_zero2.json"),
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=0.25,
+    )
     warmup, total = 2, 8  # ceil(0.25 x 8)
 
     def expected(step):  # transformers' cosine with a floor: linear warmup, then half a cosine down to 10 %
@@ -357,8 +461,15 @@ def trainer_optimizers(tmp_path_factory):
 
     out = {}
     for name in OPTIMS:
-        args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("args")), optim=name, learning_rate=1e-3,
-                                 adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7, report_to=[])
+        args = TrainingArguments(
+            output_dir=str(tmp_path_factory.mktemp("args")),
+            optim=name,
+            learning_rate=1e-3,
+            adam_beta1=0.8,
+            adam_beta2=0.99,
+            adam_epsilon=1e-7,
+            report_to=[],
+        )
         out[name] = Trainer.get_optimizer_cls_and_kwargs(args)
     return out
 
@@ -369,8 +480,9 @@ def test_each_optim_is_the_optimizer_the_hf_trainer_builds(prepared, trainer_opt
     from pipeline.train.stage import DPOTrainingRecipe
 
     zero = None if optim == "adagrad" else str(CONFIGS / "ds_zero2.json")  # Adagrad: ZeRO 0 only (checked at load)
-    config = prepared(deepspeed=zero, optim=optim, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7,
-                      weight_decay=0.1, max_steps=2)
+    config = prepared(
+        deepspeed=zero, optim=optim, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7, weight_decay=0.1, max_steps=2
+    )
     init_distributed(config)
     recipe = DPOTrainingRecipe(config, Plan.of(config))
     recipe.setup()
@@ -397,8 +509,12 @@ def test_the_transformers_docs_zero3_config_trains_as_given(prepared, tmp_path):
     offload, a one-time JIT build), its WarmupLR section with "auto" values, ZeRO-3 with CPU offload."""
     from pipeline.train.stage import train_stage
 
-    config = prepared(deepspeed=write(tmp_path / "ds_config_zero3.json", HF_DOCS_ZERO3), warmup_steps=3,
-                      max_steps=4, weight_decay=0.01)
+    config = prepared(
+        deepspeed=write(tmp_path / "ds_config_zero3.json", HF_DOCS_ZERO3),
+        warmup_steps=3,
+        max_steps=4,
+        weight_decay=0.01,
+    )
     resolved = resolve_ds_config(config, world=1, gpu=False, hidden_size=64, num_training_steps=4)
     assert resolved["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 3}
     assert resolved["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}

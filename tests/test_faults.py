@@ -60,8 +60,9 @@ def tmpfs(tmp_path):
     """A 1 MiB tmpfs at ``tmp_path/fs`` (needs root, or CAP_SYS_ADMIN), unmounted afterwards."""
     mount = tmp_path / "fs"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     try:
@@ -80,8 +81,14 @@ def fill(mount: Path) -> Path:
 
 
 def dpo_pipeline(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([DPO_PIPELINE, *args], capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [DPO_PIPELINE, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def one_error_line(result_or_text, stage: str) -> str:
@@ -100,7 +107,8 @@ def parquet_files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_equals_an_uninterrupted_run(
-        tmpfs, make_config, tmp_path):
+    tmpfs, make_config, tmp_path
+):
     config = make_config(output_dir=str(tmpfs / "out"))
     config_file = tmp_path / "cfg.yaml"
     save_config(config, config_file)
@@ -165,8 +173,9 @@ def test_an_output_dir_that_is_a_file_is_one_line_for_every_stage(make_config, t
         assert cli.main([stage, "--config", str(config_file)]) == 2
         captured = capsys.readouterr()
         line = one_error_line(captured.out + captured.err, stage)
-        assert line.endswith(f"{tmp_path / 'a-file'} is a file, not a directory; move it away or choose another "
-                             f"output_dir")
+        assert line.endswith(
+            f"{tmp_path / 'a-file'} is a file, not a directory; move it away or choose another output_dir"
+        )
 
 
 def test_a_log_directory_that_is_a_file_is_one_line(make_config, tmp_path, capsys):
@@ -206,8 +215,10 @@ def test_permission_denied_is_a_storage_error(as_nobody):
     with as_nobody(), pytest.raises(StorageError) as refused:
         atomic_write_text(target, "{}")
     locked.rmdir()
-    assert str(refused.value) == (f"cannot write {target}: permission denied in {locked}; make it writable for this "
-                                  f"user or choose another output_dir")
+    assert str(refused.value) == (
+        f"cannot write {target}: permission denied in {locked}; make it writable for this "
+        f"user or choose another output_dir"
+    )
 
 
 @pytest.mark.slow
@@ -219,7 +230,6 @@ def test_a_stage_job_refused_by_storage_is_not_worth_a_retry(make_config, tokeni
     assert str(failed.value).startswith("cannot write ")
     assert f"{config.output_path / 'reference'} is a file, not a directory" in str(failed.value)
     assert isinstance(failed.value.__cause__, JobFailed)
-
 
 
 @pytest.mark.slow
@@ -252,9 +262,15 @@ def test_a_full_disk_at_a_training_checkpoint_is_one_line_and_the_rerun_is_exact
         (mount / "filler").rename(ballast)
         with open(ballast, "r+b") as handle:  # give back 1 MiB: metrics fit, a checkpoint (~3 MiB) does not
             handle.truncate(ballast.stat().st_size - (1 << 20))
+
         def train() -> subprocess.CompletedProcess:  # without the rank variables of this test process
-            return subprocess.run([DPO_PIPELINE, "train", "--config", str(tmp_path / "config.yaml")], text=True,
-                                  capture_output=True, timeout=300, env={**job_environment(), "OMP_NUM_THREADS": "1"})
+            return subprocess.run(
+                [DPO_PIPELINE, "train", "--config", str(tmp_path / "config.yaml")],
+                text=True,
+                capture_output=True,
+                timeout=300,
+                env={**job_environment(), "OMP_NUM_THREADS": "1"},
+            )
 
         done = train()
         assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]

@@ -62,8 +62,7 @@ def prefect_api():
 @pytest.fixture
 def tiny(make_config):
     """``tiny(**extra)``: flow overrides of configs/default.yaml for the tiny model, 64/32 rows, a temp output."""
-    small = make_config().subset("model_name_or_path", "dataset_name", "output_dir", "max_length",
-                                 "max_prompt_length")
+    small = make_config().subset("model_name_or_path", "dataset_name", "output_dir", "max_length", "max_prompt_length")
     return lambda **extra: {**small, **TINY, **extra}
 
 
@@ -94,7 +93,8 @@ def artifacts(flow_run_id) -> dict[str, list]:
     """The Prefect artifacts of a flow run by key (a key repeats: one progress artifact per job)."""
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     by_key: dict[str, list] = {}
     for artifact in found:
         by_key.setdefault(artifact.key, []).append(artifact)
@@ -123,8 +123,12 @@ def job_processes(output_dir: Path) -> list[psutil.Process]:
 
 def stage_ranks(output_dir: Path, stage: str) -> list[psutil.Process]:
     """The rank processes (not the launcher) of a running ``stage`` job."""
-    return [p for p in job_processes(output_dir) if f"pipeline.cli {stage}" in " ".join(p.info["cmdline"])
-            and "torch.distributed.run" not in " ".join(p.info["cmdline"])]
+    return [
+        p
+        for p in job_processes(output_dir)
+        if f"pipeline.cli {stage}" in " ".join(p.info["cmdline"])
+        and "torch.distributed.run" not in " ".join(p.info["cmdline"])
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- harness
@@ -166,8 +170,9 @@ def test_full_tiny_default_run_then_a_rerun_is_all_cached(prefect_api, tiny, tmp
 
 
 def _kill_training_rank_after_checkpoint(run_dir: Path, output_dir: Path, killed: list[int]) -> None:
-    wait_until((run_dir / "checkpoints" / "step-2" / "trainer_state.json").is_file, 300, "the first checkpoint",
-               interval=0.05)
+    wait_until(
+        (run_dir / "checkpoints" / "step-2" / "trainer_state.json").is_file, 300, "the first checkpoint", interval=0.05
+    )
     for rank in stage_ranks(output_dir, "train"):
         rank.kill()
         killed.append(rank.pid)
@@ -185,8 +190,9 @@ def test_changed_beta_reruns_only_training_which_resumes_when_its_job_is_killed(
     old_plan, new_plan = Plan.of(config), Plan.of(changed)
     assert new_plan.reference_dir == old_plan.reference_dir and new_plan.train_dir != old_plan.train_dir
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_training_rank_after_checkpoint,
-                              args=(Plan.of(changed).train_dir, changed.output_path, killed))
+    killer = threading.Thread(
+        target=_kill_training_rank_after_checkpoint, args=(Plan.of(changed).train_dir, changed.output_path, killed)
+    )
     killer.start()
     second = dpo_pipeline(config_path=DEFAULT_CONFIG, overrides=overrides | {"beta": 0.3}, return_state=True)
     killer.join()
@@ -194,7 +200,10 @@ def test_changed_beta_reruns_only_training_which_resumes_when_its_job_is_killed(
     assert second.is_completed() and killed
     runs = task_runs(second.state_details.flow_run_id)
     assert {name: run.state.name for name, run in runs.items()} == {
-        "tokenize": "Cached", "reference-pass": "Cached", "train": "Completed"}
+        "tokenize": "Cached",
+        "reference-pass": "Cached",
+        "train": "Completed",
+    }
     assert runs["train"].run_count == 2  # the killed job, then the retry
     after = snapshot(changed)
     assert all(after[name] == content for name, content in before.items() if not name.startswith("logs/train"))
@@ -213,8 +222,7 @@ def test_invalid_config_fails_the_flow_before_any_work(prefect_api, tiny):
     assert not Path(overrides["output_dir"]).exists()
 
 
-def test_a_stage_job_that_refuses_its_input_fails_the_flow_with_that_error_without_retry(prefect_api, tiny,
-                                                                                          tmp_path):
+def test_a_stage_job_that_refuses_its_input_fails_the_flow_with_that_error_without_retry(prefect_api, tiny, tmp_path):
     # An explicit global batch the job's world size contradicts: only the training job, knowing its ranks, can
     # tell (a ds_config that is wrong by itself is refused when the config is loaded, before any job).
     ds_config = tmp_path / "ds_batch.json"
@@ -222,8 +230,9 @@ def test_a_stage_job_that_refuses_its_input_fails_the_flow_with_that_error_witho
     state = dpo_pipeline(config_path=DEFAULT_CONFIG, overrides=tiny(deepspeed=str(ds_config)), return_state=True)
     assert state.is_failed()
     # The rank's own error, with its type (from the job's error record, not from its log).
-    assert re.search(r"ConfigError: .*sets train_batch_size=999 but .*; set it to \"auto\"",
-                     state.message), state.message
+    assert re.search(r"ConfigError: .*sets train_batch_size=999 but .*; set it to \"auto\"", state.message), (
+        state.message
+    )
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["reference-pass"].state.name == "Completed"
     assert runs["train"].state.name == "Failed" and runs["train"].run_count == 1  # not retried
@@ -249,10 +258,15 @@ def _gone(proc: psutil.Process) -> bool:
 
 def test_kill_flow_run_groups_ends_whole_groups_of_that_run_only():
     def group(flow_run_id):  # a leader and its child, like a launcher and a rank, tagged like a runner's flow run
-        script = ("import subprocess, sys, time; "
-                  "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
-        return subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                                env={**os.environ, "PREFECT__FLOW_RUN_ID": flow_run_id})
+        script = (
+            "import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+        )
+        return subprocess.Popen(
+            [sys.executable, "-c", script],
+            start_new_session=True,
+            env={**os.environ, "PREFECT__FLOW_RUN_ID": flow_run_id},
+        )
 
     run_id = str(uuid.uuid4())
     mine, other = group(run_id), group(str(uuid.uuid4()))
@@ -272,8 +286,9 @@ def test_kill_flow_run_groups_ends_whole_groups_of_that_run_only():
 def background(command: list[str], env: dict[str, str], log: Path):
     """A long-running process (server, worker, serve) in its own group, ended with its whole group."""
     with open(log, "w") as handle:
-        proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=env, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield proc
     finally:
@@ -292,8 +307,10 @@ def prefect_server(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
-    with background([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
-                    home / "server.log") as server:
+    with background(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home / "server.log"
+    ) as server:
+
         def healthy():
             assert server.poll() is None, (home / "server.log").read_text()
             try:
@@ -309,16 +326,25 @@ def prefect_server(tmp_path_factory):
 
 
 def prefect(env, *args: str, timeout: float = 120) -> str:
-    result = subprocess.run([PREFECT, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=timeout, check=False)  # the assert below shows the output on failure
+    result = subprocess.run(
+        [PREFECT, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )  # the assert below shows the output on failure
     assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
 
 def trigger(env, overrides: dict, *extra: str, timeout: float = 120) -> tuple[str, str]:
     """``prefect deployment run`` with ``overrides``; config_path stays the deployment's (repo-relative) default."""
-    out = prefect(env, "deployment", "run", "dpo-pipeline/dpo-pipeline", "--params",
-                  json.dumps({"overrides": overrides}), *extra, timeout=timeout)
+    out = prefect(
+        env,
+        "deployment",
+        "run",
+        "dpo-pipeline/dpo-pipeline",
+        "--params",
+        json.dumps({"overrides": overrides}),
+        *extra,
+        timeout=timeout,
+    )
     return re.search(r"UUID:\s*([0-9a-f-]{36})", out)[1], out
 
 
@@ -373,6 +399,9 @@ def test_cancelling_a_served_run_leaves_no_process(prefect_server, tiny, tmp_pat
         wait_until(lambda: stage_ranks(output_dir, "train"), 300, "the training job's rank process")
         prefect(env, "flow-run", "cancel", run_id)
         wait_until(lambda: flow_run(run_id).state.is_cancelled(), 120, "the run to be cancelled")
-        wait_until(lambda: not job_processes(output_dir) and not _run_processes(run_id), 30,
-                   "every process of the cancelled run to end")
+        wait_until(
+            lambda: not job_processes(output_dir) and not _run_processes(run_id),
+            30,
+            "every process of the cancelled run to end",
+        )
     assert "Cancelled" in flow_run(run_id).state.name

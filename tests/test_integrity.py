@@ -24,8 +24,13 @@ from pipeline.tokenize.artifact import tokenized_fingerprint
 from pipeline.tokenize.stage import tokenize_stage
 from pipeline.train.stage import train_stage
 
-SMALL = dict(max_steps=4, per_device_train_batch_size=4, eval_steps=None, save_steps=None,
-             deepspeed=str(REPO_ROOT / "configs" / "ds_zero2.json"))
+SMALL = dict(
+    max_steps=4,
+    per_device_train_batch_size=4,
+    eval_steps=None,
+    save_steps=None,
+    deepspeed=str(REPO_ROOT / "configs" / "ds_zero2.json"),
+)
 
 
 def _flip_a_byte(path, offset=None):
@@ -90,8 +95,15 @@ def test_a_nan_artifact_with_a_matching_manifest_is_rebuilt_not_stuck(make_confi
     values[3] = np.nan
     pq.write_table(table.set_column(2, "ref_rejected_logps", pa.array(values, pa.float32())), shard)
     manifest = json.loads((ref_dir / MANIFEST).read_text())
-    write_manifest(ref_dir, kind=REFERENCE_KIND, schema_version=REFERENCE_SCHEMA, inputs=manifest["inputs"],
-                   files=manifest["files"], counts=manifest["counts"], shards=manifest["shards"])
+    write_manifest(
+        ref_dir,
+        kind=REFERENCE_KIND,
+        schema_version=REFERENCE_SCHEMA,
+        inputs=manifest["inputs"],
+        files=manifest["files"],
+        counts=manifest["counts"],
+        shards=manifest["shards"],
+    )
     (shard.parent / f"{shard.name}.sha256").write_text(hash_file(shard) + "\n")  # even the digest agrees
     with pytest.raises(ArtifactError, match="not finite"):
         train_stage(config)
@@ -114,8 +126,9 @@ def test_a_truncated_complete_checkpoint_falls_back_to_the_previous_one(make_con
             victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
             with caplog.at_level("WARNING"):
                 train_stage(config)
-            assert any("checkpoints/step-4 is damaged" in r.message and victim.name in r.message
-                       for r in caplog.records)
+            assert any(
+                "checkpoints/step-4 is damaged" in r.message and victim.name in r.message for r in caplog.records
+            )
         else:
             train_stage(config)
         weights[name] = load_file(run_dir / "final_model" / "model.safetensors")
@@ -127,8 +140,9 @@ def test_a_flipped_byte_in_a_tr_dpo_window_shard_is_rescored_on_resume(make_conf
     """A TR-DPO run interrupted before its last window's training ends, with a byte of that window's committed
     reference shard flipped meanwhile: the rerun re-scores the window instead of keeping the shard, and ends at
     the weights of the uninterrupted run."""
-    config, _ = _prepared(make_config, tmp_path / "out", sync_ref_model=True, ref_model_sync_steps=2, max_steps=4,
-                          save_steps=2)
+    config, _ = _prepared(
+        make_config, tmp_path / "out", sync_ref_model=True, ref_model_sync_steps=2, max_steps=4, save_steps=2
+    )
     run_dir = train_stage(config)
     final = load_file(run_dir / "final_model" / "model.safetensors")
     shard = sorted((run_dir / "windows" / "1" / "reference").glob("train-*.parquet"))[0]

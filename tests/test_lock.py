@@ -43,8 +43,13 @@ def holder_env(**extra: str) -> dict[str, str]:
 
 def hold(output_dir: Path, seconds: float, mode: str = "wait", env: dict | None = None) -> subprocess.Popen:
     """Start a process holding ``output_dir``'s lock; return once it holds it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(output_dir), str(seconds), mode], cwd=REPO_ROOT,
-                            env=env or holder_env(), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(output_dir), str(seconds), mode],
+        cwd=REPO_ROOT,
+        env=env or holder_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "holding"
     return proc
 
@@ -87,11 +92,24 @@ def test_the_holders_children_and_nested_entries_do_not_lock(tmp_path):
         assert os.environ[LOCK_HELD] == str(out)
         with output_dir_lock(strict):  # the CLI's `run` holds it, then the flow inside enters it again
             pass
-        child = subprocess.run([sys.executable, "-c", HOLDER, str(out), "0", "fail"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=60, check=False)
+        child = subprocess.run(
+            [sys.executable, "-c", HOLDER, str(out), "0", "fail"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert child.returncode == 0 and child.stdout.strip() == "holding"  # a stage job of this run
-        stranger = subprocess.run([sys.executable, "-c", HOLDER, str(out), "0", "fail"], cwd=REPO_ROOT,
-                                  env=holder_env(), capture_output=True, text=True, timeout=60, check=False)
+        stranger = subprocess.run(
+            [sys.executable, "-c", HOLDER, str(out), "0", "fail"],
+            cwd=REPO_ROOT,
+            env=holder_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert stranger.returncode == 3 and f"is in use by pid {os.getpid()}" in stranger.stdout
     assert LOCK_HELD not in os.environ
 
@@ -108,8 +126,9 @@ def test_launcher_ranks_other_than_rank_0_do_not_lock_and_rank_0_always_waits(tm
     # The second node of a multi-node torchrun job started as `dpo-pipeline` on each node: node 0 locks.
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.delenv("RANK")
-    with output_dir_lock(config_for(out, output_dir_lock="fail", num_nodes=2, node_rank=1,
-                                    rdzv_endpoint="127.0.0.1:29500")):
+    with output_dir_lock(
+        config_for(out, output_dir_lock="fail", num_nodes=2, node_rank=1, rdzv_endpoint="127.0.0.1:29500")
+    ):
         assert holder.poll() is None
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "0")
@@ -121,22 +140,38 @@ def test_launcher_ranks_other_than_rank_0_do_not_lock_and_rank_0_always_waits(tm
 def test_a_record_left_by_an_ended_process_is_reported_as_such(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    raw = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-           "fcntl.flock(fd, fcntl.LOCK_EX); print('holding', flush=True); time.sleep(60)")
+    raw = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('holding', flush=True); time.sleep(60)"
+    )
     # Locked by a process that writes no record (like a child the recorded holder forked): first no record ...
     locker = subprocess.Popen([sys.executable, "-c", raw, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert locker.stdout.readline().strip() == "holding"
-        with pytest.raises(LockError, match="another process \\(it has not written its record yet\\)"), \
-                output_dir_lock(config_for(out, output_dir_lock="fail")):
+        with (
+            pytest.raises(LockError, match="another process \\(it has not written its record yet\\)"),
+            output_dir_lock(config_for(out, output_dir_lock="fail")),
+        ):
             pass
         # ... then the record of a process that has ended.
-        ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                               text=True, check=True)
-        (out / ".lock").write_text(json.dumps({"pid": int(ended.stdout), "host": socket.gethostname(),
-                                               "started": 0.0, "command": "dpo-pipeline run", "since": "then"}))
-        with pytest.raises(LockError, match="that process has ended, so a process it forked still holds the lock"), \
-                output_dir_lock(config_for(out, output_dir_lock="fail")):
+        ended = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        )
+        (out / ".lock").write_text(
+            json.dumps(
+                {
+                    "pid": int(ended.stdout),
+                    "host": socket.gethostname(),
+                    "started": 0.0,
+                    "command": "dpo-pipeline run",
+                    "since": "then",
+                }
+            )
+        )
+        with (
+            pytest.raises(LockError, match="that process has ended, so a process it forked still holds the lock"),
+            output_dir_lock(config_for(out, output_dir_lock="fail")),
+        ):
             pass
     finally:
         locker.kill()
@@ -146,10 +181,17 @@ def test_a_record_left_by_an_ended_process_is_reported_as_such(tmp_path):
 # ---------------------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
 def test_concurrent_runs_on_one_output_dir_leave_one_clean_metrics_log(make_config, tmp_path):
-    small = make_config().subset("model_name_or_path", "dataset_name", "output_dir", "max_length",
-                                 "max_prompt_length", "per_device_train_batch_size")
-    config = load_config(DEFAULT_CONFIG, {**small, "max_steps": 4, "sync_ref_model": False, "eval_steps": None,
-                                          "save_steps": None})
+    small = make_config().subset(
+        "model_name_or_path",
+        "dataset_name",
+        "output_dir",
+        "max_length",
+        "max_prompt_length",
+        "per_device_train_batch_size",
+    )
+    config = load_config(
+        DEFAULT_CONFIG, {**small, "max_steps": 4, "sync_ref_model": False, "eval_steps": None, "save_steps": None}
+    )
     config_file = tmp_path / "tiny.yaml"
     save_config(config, config_file)
     env = holder_env(OMP_NUM_THREADS="1")
@@ -157,8 +199,13 @@ def test_concurrent_runs_on_one_output_dir_leave_one_clean_metrics_log(make_conf
     def start(name: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
         with open(log, "w") as handle:
-            proc = subprocess.Popen([DPO_PIPELINE, "run", "--config", str(config_file), *overrides], env=env,
-                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [DPO_PIPELINE, "run", "--config", str(config_file), *overrides],
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return proc, log
 
     first, first_log = start("first")
@@ -166,15 +213,25 @@ def test_concurrent_runs_on_one_output_dir_leave_one_clean_metrics_log(make_conf
     while not (lock_path(config).is_file() and f'"pid": {first.pid},' in lock_path(config).read_text()):
         assert first.poll() is None and time.monotonic() < deadline, first_log.read_text()
         time.sleep(0.2)
-    refused = subprocess.run([DPO_PIPELINE, "run", "--config", str(config_file), "output_dir_lock=fail"], env=env,
-                             capture_output=True, text=True, timeout=120, check=False)
+    refused = subprocess.run(
+        [DPO_PIPELINE, "run", "--config", str(config_file), "output_dir_lock=fail"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     second, second_log = start("second")
     assert first.wait(timeout=600) == 0, first_log.read_text()[-3000:]
     assert second.wait(timeout=300) == 0, second_log.read_text()[-3000:]
 
     assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr.startswith(f"dpo-pipeline run: error: output_dir {config.output_path} is in use by pid "
-                                     f"{first.pid} ") and len(refused.stderr.splitlines()) == 1
+    assert (
+        refused.stderr.startswith(
+            f"dpo-pipeline run: error: output_dir {config.output_path} is in use by pid {first.pid} "
+        )
+        and len(refused.stderr.splitlines()) == 1
+    )
     waited = [line for line in second_log.read_text().splitlines() if "is in use by" in line]
     assert len(waited) == 1 and f"pid {first.pid} " in waited[0] and waited[0].endswith("waiting for that run to end")
     # The second run came after the first, found everything complete and did no model work.

@@ -10,17 +10,21 @@ from pipeline.logprobs import collate_pairs, completion_logps, token_logprobs
 
 def random_rows(n, seed=0):
     g = torch.Generator().manual_seed(seed)
+
     def ids(lo, hi):
         return torch.randint(3, 500, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-    return [dict(example_id=i, prompt_input_ids=[0] + ids(1, 12), chosen_input_ids=ids(1, 9),
-                 rejected_input_ids=ids(1, 9)) for i in range(n)]
+
+    return [
+        dict(example_id=i, prompt_input_ids=[0] + ids(1, 12), chosen_input_ids=ids(1, 9), rejected_input_ids=ids(1, 9))
+        for i in range(n)
+    ]
 
 
 def naive_sum(model, prompt, completion):
     """Unpadded, one sequence, full float32 log_softmax: the textbook computation."""
     ids = torch.tensor([prompt + completion])
     logp = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
-    return logp[-len(completion):]
+    return logp[-len(completion) :]
 
 
 def test_matches_an_unpadded_forward(tiny_model_dir):
@@ -28,12 +32,16 @@ def test_matches_an_unpadded_forward(tiny_model_dir):
     rows = random_rows(6)
     with torch.no_grad():
         out = completion_logps(model, collate_pairs(rows, pad_token_id=2), with_wpo_weights=True)
-        naive = [naive_sum(model, r["prompt_input_ids"], r[side])
-                 for side in ("chosen_input_ids", "rejected_input_ids") for r in rows]
+        naive = [
+            naive_sum(model, r["prompt_input_ids"], r[side])
+            for side in ("chosen_input_ids", "rejected_input_ids")
+            for r in rows
+        ]
     torch.testing.assert_close(out.logps, torch.stack([t.sum() for t in naive]), rtol=1e-5, atol=1e-5)
     public = [min(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows] * 2
-    torch.testing.assert_close(out.public_logps, torch.stack([t[:k].sum() for t, k in zip(naive, public, strict=True)]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.public_logps, torch.stack([t[:k].sum() for t, k in zip(naive, public, strict=True)]), rtol=1e-5, atol=1e-5
+    )
     assert out.lengths.tolist() == [len(r[s]) for s in ("chosen_input_ids", "rejected_input_ids") for r in rows]
     assert out.wpo_log_weights.shape == (12,) and torch.isfinite(out.wpo_log_weights).all()
 

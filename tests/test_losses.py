@@ -66,10 +66,14 @@ def expected_losses(name, pc, pr, rc, rr, lw, ll, delta=0.0):
         "robust": lambda: ((1 - EPS) * -logsig(z) + EPS * logsig(-z)) / (1 - 2 * EPS),
         "bco_pair": lambda: -logsig(BETA * a - delta) - logsig(delta - BETA * b),
         "sppo_hard": lambda: (a - 1 / (2 * BETA)) ** 2 + (b + 1 / (2 * BETA)) ** 2,
-        "aot": lambda: -(1 - EPS) * logsig(BETA * (sorted_tensor(pc - pr) - sorted_tensor(rc - rr)))
-        - EPS * logsig(-BETA * (sorted_tensor(pc - pr) - sorted_tensor(rc - rr))),
-        "aot_pair": lambda: -(1 - EPS) * logsig(BETA * (sorted_tensor(a) - sorted_tensor(b)))
-        - EPS * logsig(-BETA * (sorted_tensor(a) - sorted_tensor(b))),
+        "aot": lambda: (
+            -(1 - EPS) * logsig(BETA * (sorted_tensor(pc - pr) - sorted_tensor(rc - rr)))
+            - EPS * logsig(-BETA * (sorted_tensor(pc - pr) - sorted_tensor(rc - rr)))
+        ),
+        "aot_pair": lambda: (
+            -(1 - EPS) * logsig(BETA * (sorted_tensor(a) - sorted_tensor(b)))
+            - EPS * logsig(-BETA * (sorted_tensor(a) - sorted_tensor(b)))
+        ),
         "apo_zero": lambda: (1 - sig(BETA * a)) + sig(BETA * b),
         "apo_down": lambda: sig(BETA * a) + (1 - sig(z)),
         "discopop": lambda: (1 - sig(z / TAU)) * -logsig(z) + sig(z / TAU) * torch.exp(-z),
@@ -79,8 +83,19 @@ def expected_losses(name, pc, pr, rc, rr, lw, ll, delta=0.0):
 
 
 def call(name, pc, pr, rc, rr, lw, ll, **kw):
-    return dpo_loss(pc, pr, rc, rr, loss_type=name, beta=BETA, label_smoothing=EPS, discopop_tau=TAU,
-                    chosen_lengths=lw, rejected_lengths=ll, **kw)
+    return dpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=name,
+        beta=BETA,
+        label_smoothing=EPS,
+        discopop_tau=TAU,
+        chosen_lengths=lw,
+        rejected_lengths=ll,
+        **kw,
+    )
 
 
 def close(actual, expected):
@@ -139,9 +154,17 @@ def f_prime(kind, u, alpha=None):
     return (u ** (alpha - 1) - 1) / (alpha - 1)
 
 
-@pytest.mark.parametrize("kind, alpha", [("reverse_kl", 1.0), ("forward_kl", 1.0), ("js_divergence", 1.0),
-                                         ("alpha_divergence", 0.0), ("alpha_divergence", 0.4),
-                                         ("alpha_divergence", 0.9)])
+@pytest.mark.parametrize(
+    "kind, alpha",
+    [
+        ("reverse_kl", 1.0),
+        ("forward_kl", 1.0),
+        ("js_divergence", 1.0),
+        ("alpha_divergence", 0.0),
+        ("alpha_divergence", 0.4),
+        ("alpha_divergence", 0.9),
+    ],
+)
 def test_f_divergence_margin(kind, alpha):
     pc, pr, rc, rr, lw, ll = draw(6, spread=1.0)
     uw, ul = torch.exp(pc - rc), torch.exp(pr - rr)
@@ -150,8 +173,10 @@ def test_f_divergence_margin(kind, alpha):
     close(dpo_loss(pc, pr, rc, rr, **kw)[0], -logsig(BETA * h))
     # A per-side variant sees the scores themselves, ψ(r) = f'(e^r) with ψ(0) = 0.
     sw, sl = f_prime(kind, uw, alpha), f_prime(kind, ul, alpha)
-    close(dpo_loss(pc, pr, rc, rr, loss_type="sppo_hard", **kw)[0],
-          (sw - 1 / (2 * BETA)) ** 2 + (sl + 1 / (2 * BETA)) ** 2)
+    close(
+        dpo_loss(pc, pr, rc, rr, loss_type="sppo_hard", **kw)[0],
+        (sw - 1 / (2 * BETA)) ** 2 + (sl + 1 / (2 * BETA)) ** 2,
+    )
 
 
 def test_alpha_divergence_endpoints_and_trl0_convention():
@@ -166,7 +191,7 @@ def test_alpha_divergence_endpoints_and_trl0_convention():
     # TRL 0.x: h = (u_l^(−c) − u_w^(−c)) / c; its coefficient c is our 1 − c.
     for c in (0.25, 0.5, 1.0):
         uw, ul = torch.exp(pc - rc), torch.exp(pr - rr)
-        close(loss("alpha_divergence", 1 - c), -logsig(BETA * (ul ** -c - uw ** -c) / c))
+        close(loss("alpha_divergence", 1 - c), -logsig(BETA * (ul**-c - uw**-c) / c))
 
 
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
@@ -182,8 +207,10 @@ def test_sigmoid_is_ln2_at_policy_equals_reference(kind):
 # -------------------------------------------------------------------------------------------------- preference_loss
 
 
-@pytest.mark.parametrize("label_smoothing, ipo, reference_free",
-                         [(0.0, False, False), (0.2, False, False), (0.0, True, False), (0.1, False, True)])
+@pytest.mark.parametrize(
+    "label_smoothing, ipo, reference_free",
+    [(0.0, False, False), (0.2, False, False), (0.0, True, False), (0.1, False, True)],
+)
 def test_preference_loss_matches_original_repository(label_smoothing, ipo, reference_free):
     pc, pr, rc, rr, _, _ = draw(9)
     h = (pc - pr) - (0 if reference_free else rc - rr)
@@ -191,8 +218,9 @@ def test_preference_loss_matches_original_repository(label_smoothing, ipo, refer
         expected = (h - 1 / (2 * BETA)) ** 2
     else:
         expected = -logsig(BETA * h) * (1 - label_smoothing) - logsig(-BETA * h) * label_smoothing
-    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, rc, rr, BETA, label_smoothing, ipo,
-                                                               reference_free)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        pc, pr, rc, rr, BETA, label_smoothing, ipo, reference_free
+    )
     close(losses, expected)
     close(chosen_rewards, BETA * (pc - rc))
     close(rejected_rewards, BETA * (pr - rr))
@@ -208,8 +236,16 @@ def full_pairs(seed, requires_grad):
         return t.clone().requires_grad_(requires_grad)
 
     g = torch.Generator().manual_seed(seed + 100)
-    policy = PairLogps(leaf(pc), leaf(pr), lw, ll, leaf(pc * 0.6), leaf(pr * 0.6),
-                       leaf(-torch.rand(B, dtype=F64, generator=g)), leaf(-torch.rand(B, dtype=F64, generator=g)))
+    policy = PairLogps(
+        leaf(pc),
+        leaf(pr),
+        lw,
+        ll,
+        leaf(pc * 0.6),
+        leaf(pr * 0.6),
+        leaf(-torch.rand(B, dtype=F64, generator=g)),
+        leaf(-torch.rand(B, dtype=F64, generator=g)),
+    )
     reference = PairLogps(leaf(rc), leaf(rr), lw, ll, leaf(rc * 0.6), leaf(rr * 0.6))
     return policy, reference
 
@@ -221,12 +257,17 @@ def test_gradients_reach_policy_only(name, extras):
     spec = LossSpec(loss_type=name, beta=BETA, label_smoothing=EPS, **extras)
     loss, metrics = compute_loss(policy, reference, spec, LossState())
     loss.backward()
-    assert all(getattr(reference, f) is None or getattr(reference, f).grad is None
-               for f in ("chosen", "rejected", "chosen_public", "rejected_public"))
+    assert all(
+        getattr(reference, f) is None or getattr(reference, f).grad is None
+        for f in ("chosen", "rejected", "chosen_public", "rejected_public")
+    )
     # WPO weights are constants of the step, like TRL's (computed under no_grad).
     assert policy.chosen_wpo_log_weights.grad is None and policy.rejected_wpo_log_weights.grad is None
-    policy_grads = [t.grad for t in (policy.chosen, policy.rejected, policy.chosen_public, policy.rejected_public)
-                    if t.grad is not None]
+    policy_grads = [
+        t.grad
+        for t in (policy.chosen, policy.rejected, policy.chosen_public, policy.rejected_public)
+        if t.grad is not None
+    ]
     assert policy_grads and any(g.abs().sum() > 0 for g in policy_grads)
     assert all(not v.requires_grad for v in metrics.values())
 
@@ -236,8 +277,7 @@ def test_gradients_reach_policy_only(name, extras):
 
 def test_mpo_is_weighted_sum_of_term_means():
     pc, pr, rc, rr, lw, ll = draw(11)
-    spec = LossSpec(loss_type=["sigmoid", "ipo", "sft"], loss_weights=[0.8, 0.05, 1.0], beta=BETA,
-                    label_smoothing=EPS)
+    spec = LossSpec(loss_type=["sigmoid", "ipo", "sft"], loss_weights=[0.8, 0.05, 1.0], beta=BETA, label_smoothing=EPS)
     loss, metrics = compute_loss(PairLogps(pc, pr, lw, ll), PairLogps(rc, rr), spec)
     terms = {n: expected_losses(n, pc, pr, rc, rr, lw, ll).mean() for n in ("sigmoid", "ipo", "sft")}
     close(loss, 0.8 * terms["sigmoid"] + 0.05 * terms["ipo"] + 1.0 * terms["sft"])
@@ -249,13 +289,25 @@ def test_mpo_is_weighted_sum_of_term_means():
 def test_metrics():
     pc, pr, rc, rr, _, _ = draw(12)
     _, metrics = compute_loss(PairLogps(pc, pr), PairLogps(rc, rr), LossSpec(beta=BETA))
-    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                            "logps/chosen", "logps/rejected", "loss", "loss/sigmoid"}
+    assert set(metrics) == {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "loss",
+        "loss/sigmoid",
+    }
     close(metrics["rewards/chosen"], (BETA * (pc - rc)).mean())
     close(metrics["rewards/rejected"], (BETA * (pr - rr)).mean())
     close(metrics["rewards/margins"], (BETA * ((pc - rc) - (pr - rr))).mean())
-    close(metrics["rewards/accuracies"], torch.tensor(sum(
-        float(w > lose) for w, lose in zip((pc - rc).tolist(), (pr - rr).tolist(), strict=True)) / B, dtype=F64))
+    close(
+        metrics["rewards/accuracies"],
+        torch.tensor(
+            sum(float(w > lose) for w, lose in zip((pc - rc).tolist(), (pr - rr).tolist(), strict=True)) / B, dtype=F64
+        ),
+    )
     close(metrics["logps/chosen"], pc.mean())
     close(metrics["logps/rejected"], pr.mean())
 
@@ -286,8 +338,9 @@ def test_ld_dpo_hand_computed():
 def test_wpo_hand_computed():
     t = lambda *v: torch.tensor(v, dtype=F64)  # noqa: E731
     # Margins h = 2 and −1; pair log-weights −0.2 − 0.1 = −0.3 and 0.3 + 0.4 > 0 (clamped to weight 1).
-    policy = PairLogps(t(-5.0, -6.0), t(-7.0, -5.0), chosen_wpo_log_weights=t(-0.2, 0.3),
-                       rejected_wpo_log_weights=t(-0.1, 0.4))
+    policy = PairLogps(
+        t(-5.0, -6.0), t(-7.0, -5.0), chosen_wpo_log_weights=t(-0.2, 0.3), rejected_wpo_log_weights=t(-0.1, 0.4)
+    )
     reference = PairLogps(t(-5.0, -6.0), t(-5.0, -6.0))
     loss, metrics = compute_loss(policy, reference, LossSpec(beta=1.0, use_weighting=True))
     expected = (math.exp(-0.3) * math.log1p(math.exp(-2.0)) + 1.0 * math.log1p(math.exp(1.0))) / 2
@@ -348,6 +401,7 @@ def test_bco_delta_same_with_two_ranks_as_one_process():
             total = slots[0] + slots[1]
             barrier.wait()  # nobody overwrites a slot before both have read it
             return total
+
         return reduce
 
     states = [LossState(all_reduce_sum(0)), LossState(all_reduce_sum(1))]
@@ -364,27 +418,30 @@ def test_bco_delta_same_with_two_ranks_as_one_process():
 # ------------------------------------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(loss_type="sigmod"), r"loss_type: unknown 'sigmod'; valid: sigmoid, hinge, ipo"),
-    (dict(loss_type=[]), "loss_type: empty"),
-    (dict(loss_type=3), "loss_type: expected one value or a list"),
-    (dict(loss_type=["aot_pair", "aot_unpaired"]), "loss_type: .* twice"),
-    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights: 1 weights for 2 loss types"),
-    (dict(loss_weights=[-1.0]), "loss_weights: must be >= 0"),
-    (dict(beta=0.0), "beta: must be > 0"),
-    (dict(beta=-0.1), "beta: must be > 0"),
-    (dict(beta=float("nan")), "beta: expected a finite number"),
-    (dict(label_smoothing=-0.01), r"label_smoothing: must be in \[0, 0.5\)"),
-    (dict(label_smoothing=0.5), r"label_smoothing: must be in \[0, 0.5\)"),
-    (dict(loss_type="exo_pair"), "label_smoothing: exo_pair needs label_smoothing > 0"),
-    (dict(f_divergence_type="kl"), "f_divergence_type: unknown 'kl'"),
-    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5), "f_alpha_divergence_coef: must be"),
-    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=-0.1), "f_alpha_divergence_coef: must be"),
-    (dict(loss_type="aot", f_divergence_type="js_divergence"), "f_divergence_type: aot"),
-    (dict(discopop_tau=0.0), "discopop_tau: must be > 0"),
-    (dict(ld_alpha=1.2), "ld_alpha: must be in"),
-    (dict(reference_free="yes"), "reference_free: expected true or false"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss_type="sigmod"), r"loss_type: unknown 'sigmod'; valid: sigmoid, hinge, ipo"),
+        (dict(loss_type=[]), "loss_type: empty"),
+        (dict(loss_type=3), "loss_type: expected one value or a list"),
+        (dict(loss_type=["aot_pair", "aot_unpaired"]), "loss_type: .* twice"),
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights: 1 weights for 2 loss types"),
+        (dict(loss_weights=[-1.0]), "loss_weights: must be >= 0"),
+        (dict(beta=0.0), "beta: must be > 0"),
+        (dict(beta=-0.1), "beta: must be > 0"),
+        (dict(beta=float("nan")), "beta: expected a finite number"),
+        (dict(label_smoothing=-0.01), r"label_smoothing: must be in \[0, 0.5\)"),
+        (dict(label_smoothing=0.5), r"label_smoothing: must be in \[0, 0.5\)"),
+        (dict(loss_type="exo_pair"), "label_smoothing: exo_pair needs label_smoothing > 0"),
+        (dict(f_divergence_type="kl"), "f_divergence_type: unknown 'kl'"),
+        (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5), "f_alpha_divergence_coef: must be"),
+        (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=-0.1), "f_alpha_divergence_coef: must be"),
+        (dict(loss_type="aot", f_divergence_type="js_divergence"), "f_divergence_type: aot"),
+        (dict(discopop_tau=0.0), "discopop_tau: must be > 0"),
+        (dict(ld_alpha=1.2), "ld_alpha: must be in"),
+        (dict(reference_free="yes"), "reference_free: expected true or false"),
+    ],
+)
 def test_bad_spec(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LossSpec(**kwargs)
@@ -423,15 +480,20 @@ def test_mismatched_shapes():
         compute_loss(PairLogps(pc, pr), PairLogps(rc[:4], rr[:4]), LossSpec())
 
 
-@pytest.mark.parametrize("spec, match", [
-    (LossSpec(ld_alpha=0.5), r"ld_alpha \(LD-DPO\): the policy PairLogps lacks chosen_public, rejected_public"),
-    (LossSpec(use_weighting=True), r"use_weighting \(WPO\): the policy PairLogps lacks chosen_wpo_log_weights"),
-    (LossSpec(loss_type="sft"), "loss_type: 'sft' needs chosen_lengths"),
-    (LossSpec(loss_type="sigmoid_norm"), "loss_type: 'sigmoid_norm' needs chosen_lengths and rejected_lengths"),
-    (LossSpec(loss_type="ipo", ipo_length_normalized=True),
-     "loss_type: 'ipo with ipo_length_normalized' needs chosen_lengths"),
-    (LossSpec(loss_type="bco_pair"), "bco_pair keeps a running reward mean; pass a LossState"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (LossSpec(ld_alpha=0.5), r"ld_alpha \(LD-DPO\): the policy PairLogps lacks chosen_public, rejected_public"),
+        (LossSpec(use_weighting=True), r"use_weighting \(WPO\): the policy PairLogps lacks chosen_wpo_log_weights"),
+        (LossSpec(loss_type="sft"), "loss_type: 'sft' needs chosen_lengths"),
+        (LossSpec(loss_type="sigmoid_norm"), "loss_type: 'sigmoid_norm' needs chosen_lengths and rejected_lengths"),
+        (
+            LossSpec(loss_type="ipo", ipo_length_normalized=True),
+            "loss_type: 'ipo with ipo_length_normalized' needs chosen_lengths",
+        ),
+        (LossSpec(loss_type="bco_pair"), "bco_pair keeps a running reward mean; pass a LossState"),
+    ],
+)
 def test_missing_fields(spec, match):
     pc, pr, rc, rr, _, _ = draw(17)
     with raises_bug(match):

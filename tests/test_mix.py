@@ -23,8 +23,15 @@ def _llama(seed: int, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).to(dtype)
 
 
@@ -94,8 +101,11 @@ def test_mix_refuses_mismatched_or_broken_checkpoints(tmp_path):
     def run_mix(policy_dir: Path, alpha: float = 0.5):
         return mix.mix_safetensors(tmp_path / "ref", policy_dir, tmp_path / "out", alpha)
 
-    with pytest.raises(ArtifactError, match=r"different tensors \(missing from the policy: \['b'\], only in the "
-                                            r"policy: \['c'\]\)"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"different tensors \(missing from the policy: \['b'\], only in the "
+        r"policy: \['c'\]\)",
+    ):
         run_mix(policy("renamed", {"a": torch.ones(4, 3), "c": torch.zeros(5)}))
     with pytest.raises(ArtifactError, match=r"tensor a: policy shape \[3, 4\] != reference shape \[4, 3\]"):
         run_mix(policy("reshaped", {"a": torch.ones(3, 4), "b": torch.zeros(5)}))
@@ -130,13 +140,21 @@ def test_mix_peak_memory_is_a_few_chunks_not_a_model(tmp_path):
     """A ~300 MB Llama-shaped checkpoint, mixed in a fresh process: peak RSS above its start < 1/4 model."""
     hidden, vocab, layers = 1024, 16000, 4
     generator = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
-        for name, shape in {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // 2, hidden),
-                            "self_attn.v_proj": (hidden // 2, hidden), "self_attn.o_proj": (hidden, hidden),
-                            "mlp.gate_proj": (2816, hidden), "mlp.up_proj": (2816, hidden),
-                            "mlp.down_proj": (hidden, 2816)}.items():
+        for name, shape in {
+            "self_attn.q_proj": (hidden, hidden),
+            "self_attn.k_proj": (hidden // 2, hidden),
+            "self_attn.v_proj": (hidden // 2, hidden),
+            "self_attn.o_proj": (hidden, hidden),
+            "mlp.gate_proj": (2816, hidden),
+            "mlp.up_proj": (2816, hidden),
+            "mlp.down_proj": (hidden, 2816),
+        }.items():
             shapes[f"model.layers.{i}.{name}.weight"] = shape
     for side in ("ref", "policy"):
         (tmp_path / side).mkdir()
@@ -146,8 +164,13 @@ def test_mix_peak_memory_is_a_few_chunks_not_a_model(tmp_path):
     model_bytes = (tmp_path / "ref" / "model.safetensors").stat().st_size
     assert model_bytes > 250 << 20
 
-    done = subprocess.run([sys.executable, "-c", _MEASURE_MIX, str(tmp_path / "ref"), str(tmp_path / "policy"),
-                           str(tmp_path / "out")], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE_MIX, str(tmp_path / "ref"), str(tmp_path / "policy"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+    )
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     assert stats["model_bytes"] == model_bytes
     assert 0 < stats["peak_rss_delta_bytes"] < model_bytes / 4, stats

@@ -34,25 +34,47 @@ def _messages(row: dict, side: str, system: bool = False) -> list[dict]:
 
 def _h4(row: dict, system: bool = False) -> dict:
     """HuggingFaceH4/*_binarized and orca_dpo_pairs: a string prompt, message lists that repeat it."""
-    return {"prompt": row["prompt"], "prompt_id": hashlib.sha256(row["prompt"].encode()).hexdigest(),
-            "chosen": _messages(row, "chosen", system), "rejected": _messages(row, "rejected", system),
-            "messages": _messages(row, "chosen", system), "score_chosen": 8.0, "score_rejected": 5.0}
+    return {
+        "prompt": row["prompt"],
+        "prompt_id": hashlib.sha256(row["prompt"].encode()).hexdigest(),
+        "chosen": _messages(row, "chosen", system),
+        "rejected": _messages(row, "rejected", system),
+        "messages": _messages(row, "chosen", system),
+        "score_chosen": 8.0,
+        "score_rejected": 5.0,
+    }
 
 
 LAYOUTS = {  # dataset id -> (its config's directory, row builder, split sizes)
     "HuggingFaceH4/ultrafeedback_binarized": ("data", _h4, {"train_prefs": 2200, "test_prefs": 200}),
     "HuggingFaceH4/cai-conversation-harmless": ("data", _h4, {"train_prefs": 400, "test_prefs": 100}),
     "HuggingFaceH4/orca_dpo_pairs": ("data", lambda r: _h4(r, system=True), {"train_prefs": 2200, "test_prefs": 600}),
-    "argilla/dpo-mix-7k": ("data", lambda r: {"dataset": "capybara", "chosen": _messages(r, "chosen"),
-                                               "rejected": _messages(r, "rejected"), "chosen_rating": 5.0,
-                                               "rejected_rating": 2.0}, {"train": 2400, "test": 200}),
-    "HuggingFaceTB/smoltalk2": ("Preference", lambda r: {**_h4(r), "chat_template_kwargs": {"enable_thinking": False}},
-                                {"llama_3.1_tulu_3_8b_preference_mixture_no_think": 400,
-                                 "tulu_3_8b_pref_mix_Qwen3_32B_Qwen3_0.6B_think": 400}),
-    "trl-lib/ultrafeedback_binarized": ("data", lambda r: {"chosen": _messages(r, "chosen"),
-                                                             "rejected": _messages(r, "rejected"),
-                                                             "score_chosen": 8.0, "score_rejected": 5.0},
-                                        {"train": 2000, "test": 100}),
+    "argilla/dpo-mix-7k": (
+        "data",
+        lambda r: {
+            "dataset": "capybara",
+            "chosen": _messages(r, "chosen"),
+            "rejected": _messages(r, "rejected"),
+            "chosen_rating": 5.0,
+            "rejected_rating": 2.0,
+        },
+        {"train": 2400, "test": 200},
+    ),
+    "HuggingFaceTB/smoltalk2": (
+        "Preference",
+        lambda r: {**_h4(r), "chat_template_kwargs": {"enable_thinking": False}},
+        {"llama_3.1_tulu_3_8b_preference_mixture_no_think": 400, "tulu_3_8b_pref_mix_Qwen3_32B_Qwen3_0.6B_think": 400},
+    ),
+    "trl-lib/ultrafeedback_binarized": (
+        "data",
+        lambda r: {
+            "chosen": _messages(r, "chosen"),
+            "rejected": _messages(r, "rejected"),
+            "score_chosen": 8.0,
+            "score_rejected": 5.0,
+        },
+        {"train": 2000, "test": 100},
+    ),
 }
 
 
@@ -62,7 +84,7 @@ def write_hub_copy(root: Path, dataset_id: str) -> Path:
     out = root / dataset_id
     start = 0
     for split, rows in splits.items():
-        table = pa.Table.from_pylist([build(row) for row in SHIPPED[start:start + rows]])
+        table = pa.Table.from_pylist([build(row) for row in SHIPPED[start : start + rows]])
         start = (start + rows) % (len(SHIPPED) - max(splits.values()))
         (out / directory).mkdir(parents=True, exist_ok=True)
         pq.write_table(table, out / directory / f"{split}-00000-of-00001.parquet")
@@ -78,8 +100,12 @@ def localised(recipe: dict, tmp_path: Path, model_dir: Path) -> dict:
         out["attn_implementation"] = None
     if "dataset_mixture" in recipe:
         mixture = recipe["dataset_mixture"]
-        out["dataset_mixture"] = {**mixture, "datasets": [
-            {**entry, "id": str(write_hub_copy(tmp_path / "hub", entry["id"]))} for entry in mixture["datasets"]]}
+        out["dataset_mixture"] = {
+            **mixture,
+            "datasets": [
+                {**entry, "id": str(write_hub_copy(tmp_path / "hub", entry["id"]))} for entry in mixture["datasets"]
+            ],
+        }
     if "dataset_name" in recipe:
         out["dataset_name"] = str(write_hub_copy(tmp_path / "hub", recipe["dataset_name"]))
     return out
@@ -98,9 +124,14 @@ def test_a_public_recipe_runs_through_the_whole_pipeline(name, tmp_path, tiny_mo
     recipe = localised(_recipe(name), tmp_path, tiny_model_dir)
     config_file = tmp_path / name
     config_file.write_text(yaml.safe_dump(recipe))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config_file)],
-                          env={**job_environment(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          cwd=tmp_path, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config_file)],
+        env={**job_environment(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     config = load_config(config_file)
     run_dir = Plan.of(config).train_dir
@@ -115,8 +146,9 @@ def test_a_public_recipe_runs_through_the_whole_pipeline(name, tmp_path, tiny_mo
         assert evaluated == [] and summary["eval_loss"] is None
     else:
         eval_every = recipe.get("eval_steps") or every
-        assert [s for s in evaluated if s % eval_every == 0] == list(range(eval_every, summary["num_steps"] + 1,
-                                                                            eval_every))
+        assert [s for s in evaluated if s % eval_every == 0] == list(
+            range(eval_every, summary["num_steps"] + 1, eval_every)
+        )
         assert evaluated[-1] == summary["num_steps"]  # and once at the end
     assert summary["train_loss"] is not None and summary["train_loss"] > 0
     checkpoints = list((Plan.of(config).train_dir / "checkpoints").glob("step-*"))
@@ -136,8 +168,15 @@ def test_every_runnable_recipe_loads_with_only_paths_changed(name, tmp_path, tin
     recipe = _recipe(name)
     config = load_config(None, localised(recipe, tmp_path, tiny_model_dir))
     changed = {key for key, value in localised(recipe, tmp_path, tiny_model_dir).items() if recipe.get(key) != value}
-    assert changed <= {"model_name_or_path", "output_dir", "push_to_hub", "report_to", "attn_implementation",
-                       "dataset_mixture", "dataset_name"}
+    assert changed <= {
+        "model_name_or_path",
+        "output_dir",
+        "push_to_hub",
+        "report_to",
+        "attn_implementation",
+        "dataset_mixture",
+        "dataset_name",
+    }
     # Every key of the recipe that is a field here holds the recipe's value (nothing was dropped or reinterpreted).
     kept = {key: value for key, value in recipe.items() if key in FIELD_NAMES and key not in changed}
     assert {key: getattr(config, key) for key in kept} == kept

@@ -41,10 +41,17 @@ RTOL = ATOL = 1e-5
 def scored(tmp_path_factory, tiny_model_dir):
     """One reference pass of the small config (train 64 + eval 32 pairs, ZeRO-3, 1 process)."""
     root = tmp_path_factory.mktemp("reference")
-    config = load_config(None, {
-        "model_name_or_path": str(tiny_model_dir), "dataset_name": str(write_small_dataset(root / "data")),
-        "output_dir": str(root / "out"), "max_length": 64, "max_prompt_length": 32, "precompute_ref_batch_size": 8,
-    })
+    config = load_config(
+        None,
+        {
+            "model_name_or_path": str(tiny_model_dir),
+            "dataset_name": str(write_small_dataset(root / "data")),
+            "output_dir": str(root / "out"),
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "precompute_ref_batch_size": 8,
+        },
+    )
     tokenized_dir = tokenize_stage(config)
     return config, tokenized_dir, reference_stage(config)
 
@@ -55,7 +62,7 @@ def _plain_logps(model, prompt: list[int], completion: list[int]) -> tuple[float
     with torch.no_grad():
         logps = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
     start = len(prompt)
-    token_logps = logps[start - 1:-1].gather(-1, ids[0, start:, None]).squeeze(-1)
+    token_logps = logps[start - 1 : -1].gather(-1, ids[0, start:, None]).squeeze(-1)
     return float(token_logps.sum()), token_logps
 
 
@@ -78,8 +85,13 @@ def test_values_match_a_plain_transformers_forward(scored, tiny_model_dir):
                 expected[side].append(total)
                 expected[f"{side}_public"].append(float(tokens[:public].sum()))
         for name, values in expected.items():
-            torch.testing.assert_close(getattr(got, name), torch.tensor(values), rtol=RTOL, atol=ATOL,
-                                       msg=lambda m, where=f"{split} {name}": f"{where}: {m}")
+            torch.testing.assert_close(
+                getattr(got, name),
+                torch.tensor(values),
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m, where=f"{split} {name}": f"{where}: {m}",
+            )
         assert everything.chosen.dtype == np.float32
         assert got.chosen_lengths.tolist() == [r["chosen_length"] for r in rows]
         assert got.rejected_lengths.tolist() == [r["rejected_length"] for r in rows]
@@ -93,7 +105,9 @@ def test_reference_rows_come_in_the_requested_order(scored):
     pairs = reference_pair_logps(logps.take([7, 2]))
     assert pairs.chosen.tolist() == [logps.chosen[7], logps.chosen[2]]
     assert pairs.rejected_public.dtype == torch.float32 and pairs.chosen_lengths.tolist() == [
-        float(logps.chosen_lengths[7]), float(logps.chosen_lengths[2])]
+        float(logps.chosen_lengths[7]),
+        float(logps.chosen_lengths[2]),
+    ]
     with pytest.raises(ArtifactError, match=r"no example_id \[100000\]"):
         logps.take([1, 100000])
 
@@ -121,8 +135,15 @@ def test_subset_of_ids_with_extra_inputs_and_a_zero2_config(scored, tmp_path):
     config, tokenized_dir, ref_dir = scored
     config = config.model_copy(update={"deepspeed": str(REPO_ROOT / "configs" / "ds_zero2.json")})
     model_dir = Path(config.model_name_or_path)
-    out = compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=model_dir, out_dir=tmp_path / "w1",
-                                      splits=["train"], example_ids={"train": [9, 1, 5]}, extra_inputs={"window": 1})
+    out = compute_reference_logps(
+        config,
+        tokenized_dir=tokenized_dir,
+        model_dir=model_dir,
+        out_dir=tmp_path / "w1",
+        splits=["train"],
+        example_ids={"train": [9, 1, 5]},
+        extra_inputs={"window": 1},
+    )
     window = cache.load_reference_logps(out, split="train", expected_ids=[1, 5, 9])
     full = cache.load_reference_logps(ref_dir, split="train")
     np.testing.assert_allclose(window.chosen, full.chosen[[1, 5, 9]], rtol=RTOL, atol=ATOL)
@@ -130,8 +151,9 @@ def test_subset_of_ids_with_extra_inputs_and_a_zero2_config(scored, tmp_path):
     manifest = read_manifest(out, kind=cache.KIND)
     assert manifest["inputs"]["extra"] == {"window": 1} and list(manifest["shards"]) == ["train"]
     with pytest.raises(ArtifactError, match="made from other inputs"):
-        cache.load_reference_logps(out, split="train",
-                                   fingerprint=read_manifest(ref_dir, kind=cache.KIND)["fingerprint"])
+        cache.load_reference_logps(
+            out, split="train", fingerprint=read_manifest(ref_dir, kind=cache.KIND)["fingerprint"]
+        )
 
 
 def test_tr_dpo_stage_scores_only_the_eval_split(scored):
@@ -141,13 +163,21 @@ def test_tr_dpo_stage_scores_only_the_eval_split(scored):
     assert list(read_manifest(out, kind=cache.KIND)["shards"]) == ["eval"]
 
 
-@pytest.mark.parametrize("ids, message", [([3, 3, 4], r"must be unique; repeated: \[3\]"),
-                                          ([1, 9999], r"not in the tokenized artifact .* \[9999\]")])
+@pytest.mark.parametrize(
+    "ids, message",
+    [([3, 3, 4], r"must be unique; repeated: \[3\]"), ([1, 9999], r"not in the tokenized artifact .* \[9999\]")],
+)
 def test_bad_subset_ids_are_refused(scored, tmp_path, ids, message):
     config, tokenized_dir, _ = scored
     with pytest.raises(DataError, match=message):
-        compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=Path(config.model_name_or_path),
-                                    out_dir=tmp_path / "out", splits=["train"], example_ids={"train": ids})
+        compute_reference_logps(
+            config,
+            tokenized_dir=tokenized_dir,
+            model_dir=Path(config.model_name_or_path),
+            out_dir=tmp_path / "out",
+            splits=["train"],
+            example_ids={"train": ids},
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the reader
@@ -157,16 +187,29 @@ def _recommit(src: Path, dst: Path, edit) -> Path:
     manifest = read_manifest(dst, kind=cache.KIND)
     shard = dst / manifest["shards"]["train"][0]
     write_parquet(edit(pq.read_table(shard)), shard)
-    extra = {k: v for k, v in manifest.items() if k not in ("kind", "schema_version", "fingerprint", "inputs",
-                                                            "files", "counts")}
-    write_manifest(dst, kind=cache.KIND, schema_version=cache.SCHEMA_VERSION, inputs=manifest["inputs"],
-                   files=manifest["files"], counts=manifest["counts"], **extra)
+    extra = {
+        k: v
+        for k, v in manifest.items()
+        if k not in ("kind", "schema_version", "fingerprint", "inputs", "files", "counts")
+    }
+    write_manifest(
+        dst,
+        kind=cache.KIND,
+        schema_version=cache.SCHEMA_VERSION,
+        inputs=manifest["inputs"],
+        files=manifest["files"],
+        counts=manifest["counts"],
+        **extra,
+    )
     return dst
 
 
 def _set(table: pa.Table, name: str, values) -> pa.Table:
-    return table.set_column(table.schema.get_field_index(name), table.schema.field(name),
-                            pa.array(values, type=table.schema.field(name).type))
+    return table.set_column(
+        table.schema.get_field_index(name),
+        table.schema.field(name),
+        pa.array(values, type=table.schema.field(name).type),
+    )
 
 
 def test_reader_refuses_bad_artifacts(scored, tmp_path):
@@ -181,8 +224,11 @@ def test_reader_refuses_bad_artifacts(scored, tmp_path):
     with pytest.raises(ArtifactError, match="has no test split"):
         cache.load_reference_logps(ref_dir, split="test")
 
-    nan = _recommit(ref_dir, tmp_path / "nan", lambda t: _set(
-        t, "ref_rejected_logps", [np.nan] + t.column("ref_rejected_logps").to_pylist()[1:]))
+    nan = _recommit(
+        ref_dir,
+        tmp_path / "nan",
+        lambda t: _set(t, "ref_rejected_logps", [np.nan] + t.column("ref_rejected_logps").to_pylist()[1:]),
+    )
     with pytest.raises(ArtifactError, match=r"ref_rejected_logps is not finite for example_id \[0\]"):
         cache.load_reference_logps(nan, split="train")
     dup = _recommit(ref_dir, tmp_path / "dup", lambda t: _set(t, "example_id", [0, 0] + ids[2:]))
@@ -202,8 +248,9 @@ def test_reader_refuses_bad_artifacts(scored, tmp_path):
 def test_missing_model_and_missing_tokenized_artifact(scored, tmp_path):
     config, tokenized_dir, _ = scored
     with pytest.raises(ConfigError, match=f"reference model directory not found: {tmp_path / 'nope'}"):
-        compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=tmp_path / "nope",
-                                    out_dir=tmp_path / "out", splits=["train"])
+        compute_reference_logps(
+            config, tokenized_dir=tokenized_dir, model_dir=tmp_path / "nope", out_dir=tmp_path / "out", splits=["train"]
+        )
     with pytest.raises(ConfigError, match="model directory not found"):
         reference_stage(config.model_copy(update={"model_name_or_path": str(tmp_path / "nope")}))
     with pytest.raises(ArtifactError, match="run the tokenize stage first"):
@@ -215,15 +262,21 @@ def test_token_ids_outside_the_model_vocabulary_are_refused_before_any_forward(s
     small_vocab = shutil.copytree(config.model_name_or_path, tmp_path / "small-vocab")
     model_config = json.loads((small_vocab / "config.json").read_text())
     (small_vocab / "config.json").write_text(json.dumps({**model_config, "vocab_size": 300}))
-    monkeypatch.setattr(reference_stage_module, "_load_engine",
-                        lambda *a: pytest.fail("model loaded before the vocabulary check"))
+    monkeypatch.setattr(
+        reference_stage_module, "_load_engine", lambda *a: pytest.fail("model loaded before the vocabulary check")
+    )
     first = load_tokenized(tokenized_dir, "train").to_pylist()
-    culprit = next(r for r in first
-                   if max(r["prompt_input_ids"] + r["chosen_input_ids"] + r["rejected_input_ids"]) >= 300)
-    with pytest.raises(DataError, match=rf"{tokenized_dir}, split train, example_id {culprit['example_id']}: .* "
-                                        rf"outside the reference model's vocabulary of 300"):
-        compute_reference_logps(config, tokenized_dir=tokenized_dir, model_dir=small_vocab,
-                                    out_dir=tmp_path / "out", splits=["train"])
+    culprit = next(
+        r for r in first if max(r["prompt_input_ids"] + r["chosen_input_ids"] + r["rejected_input_ids"]) >= 300
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"{tokenized_dir}, split train, example_id {culprit['example_id']}: .* "
+        rf"outside the reference model's vocabulary of 300",
+    ):
+        compute_reference_logps(
+            config, tokenized_dir=tokenized_dir, model_dir=small_vocab, out_dir=tmp_path / "out", splits=["train"]
+        )
 
 
 def test_tokenized_parquet_that_does_not_match_its_manifest_is_refused(scored, tmp_path):
@@ -232,22 +285,34 @@ def test_tokenized_parquet_that_does_not_match_its_manifest_is_refused(scored, t
     table = pq.read_table(copy / "train.parquet")
     write_parquet(table.slice(1), copy / "train.parquet")  # a row dropped after the manifest was written
     with pytest.raises(ArtifactError, match="train.parquet does not match the hash in manifest.json"):
-        compute_reference_logps(config, tokenized_dir=copy, model_dir=Path(config.model_name_or_path),
-                                    out_dir=tmp_path / "out", splits=["train"])
+        compute_reference_logps(
+            config,
+            tokenized_dir=copy,
+            model_dir=Path(config.model_name_or_path),
+            out_dir=tmp_path / "out",
+            splits=["train"],
+        )
 
 
 # ------------------------------------------------------------------------------------------------ failures, resume
 def _values(ref_dir: Path, split: str = "train") -> dict[str, np.ndarray]:
-    table = pa.concat_tables(pq.read_table(ref_dir / name).replace_schema_metadata(None)
-                             for name in read_manifest(ref_dir, kind=cache.KIND)["shards"][split])
+    table = pa.concat_tables(
+        pq.read_table(ref_dir / name).replace_schema_metadata(None)
+        for name in read_manifest(ref_dir, kind=cache.KIND)["shards"][split]
+    )
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
 def test_writer_failing_mid_way_leaves_no_shard_a_reader_accepts(scored, tmp_path, monkeypatch):
     config, tokenized_dir, ref_dir = scored
     out = tmp_path / "out"
-    kwargs = dict(tokenized_dir=tokenized_dir, model_dir=Path(config.model_name_or_path), out_dir=out,
-                  splits=["train"], shard_size=16)
+    kwargs = dict(
+        tokenized_dir=tokenized_dir,
+        model_dir=Path(config.model_name_or_path),
+        out_dir=out,
+        splits=["train"],
+        shard_size=16,
+    )
     real_write_table, calls = pq.write_table, []
 
     def disk_full_on_second_shard(table, where, **options):
@@ -298,9 +363,22 @@ def test_sigkill_after_the_first_shard_then_rerun_gives_the_uninterrupted_artifa
     config_path, committed, out = tmp_path / "cfg.yaml", tmp_path / "first-shard-committed", tmp_path / "killed"
     save_config(config, config_path)
     with open(tmp_path / "child.log", "wb") as log:
-        child = subprocess.Popen([sys.executable, "-c", _HANG_AFTER_FIRST_SHARD, str(config_path),
-                                  str(tokenized_dir), str(committed), config.model_name_or_path, str(out)],
-                                 env=job_environment(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _HANG_AFTER_FIRST_SHARD,
+                str(config_path),
+                str(tokenized_dir),
+                str(committed),
+                config.model_name_or_path,
+                str(out),
+            ],
+            env=job_environment(),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while not committed.exists():
             assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
@@ -310,8 +388,9 @@ def test_sigkill_after_the_first_shard_then_rerun_gives_the_uninterrupted_artifa
         child.wait()
     assert (out / "train-00000.parquet").is_file() and not (out / MANIFEST).exists()
 
-    kwargs = dict(tokenized_dir=tokenized_dir, model_dir=Path(config.model_name_or_path), splits=["train", "eval"],
-                  shard_size=16)
+    kwargs = dict(
+        tokenized_dir=tokenized_dir, model_dir=Path(config.model_name_or_path), splits=["train", "eval"], shard_size=16
+    )
     compute_reference_logps(config, out_dir=out, **kwargs)
     compute_reference_logps(config, out_dir=tmp_path / "uninterrupted", **kwargs)
     resumed = read_manifest(out, kind=cache.KIND)
@@ -324,9 +403,14 @@ def test_sigkill_after_the_first_shard_then_rerun_gives_the_uninterrupted_artifa
 
 def test_bf16_model_accumulates_in_float32(scored, tmp_path):
     config, tokenized_dir, ref_dir = scored
-    out = compute_reference_logps(config.model_copy(update={"bf16": True}), tokenized_dir=tokenized_dir,
-                                      model_dir=Path(config.model_name_or_path), out_dir=tmp_path / "bf16",
-                                      splits=["eval"], example_ids={"eval": list(range(8))})
+    out = compute_reference_logps(
+        config.model_copy(update={"bf16": True}),
+        tokenized_dir=tokenized_dir,
+        model_dir=Path(config.model_name_or_path),
+        out_dir=tmp_path / "bf16",
+        splits=["eval"],
+        example_ids={"eval": list(range(8))},
+    )
     bf16 = cache.load_reference_logps(out, split="eval")
     fp32 = cache.load_reference_logps(ref_dir, split="eval")
     assert bf16.chosen.dtype == np.float32
@@ -346,9 +430,20 @@ def test_two_process_zero3_through_the_launcher_matches_one_process(scored, tmp_
     config_path = tmp_path / "cfg.yaml"
     save_config(two, config_path)
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "dpo-pipeline"), "reference", "--config", str(config_path),
-         "num_processes=2", f"deepspeed={REPO_ROOT / 'configs' / 'ds_zero3.json'}"],
-        env=job_environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            str(Path(sys.executable).parent / "dpo-pipeline"),
+            "reference",
+            "--config",
+            str(config_path),
+            "num_processes=2",
+            f"deepspeed={REPO_ROOT / 'configs' / 'ds_zero3.json'}",
+        ],
+        env=job_environment(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = Plan.of(two).reference_dir
     assert out.name == ref_dir.name  # same inputs, same fingerprint

@@ -32,11 +32,21 @@ def endless(tmp_path_factory, tiny_model_dir) -> Path:
     """The config file of a run whose training never ends by itself. Every test uses its output directory: the
     first run pays for tokenizing and the reference pass, the later ones find them Cached."""
     root = tmp_path_factory.mktemp("signals")
-    config = load_config(DEFAULT_CONFIG, {
-        "model_name_or_path": str(tiny_model_dir), "dataset_name": str(write_small_dataset(root / "data")),
-        "output_dir": str(root / "out"), "max_length": 64, "max_prompt_length": 32,
-        "per_device_train_batch_size": 4, "max_steps": 100_000, "sync_ref_model": False, "eval_steps": None,
-        "save_steps": None})
+    config = load_config(
+        DEFAULT_CONFIG,
+        {
+            "model_name_or_path": str(tiny_model_dir),
+            "dataset_name": str(write_small_dataset(root / "data")),
+            "output_dir": str(root / "out"),
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "per_device_train_batch_size": 4,
+            "max_steps": 100_000,
+            "sync_ref_model": False,
+            "eval_steps": None,
+            "save_steps": None,
+        },
+    )
     save_config(config, root / "endless.yaml")
     return root / "endless.yaml"
 
@@ -51,9 +61,14 @@ def start_run(config_file: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as handle:
         # SIGINT as a terminal leaves it: a runner started in the background (`cmd &` in a script) passes an
         # ignored SIGINT down to every child, and Python then installs no KeyboardInterrupt handler.
-        return subprocess.Popen([DPO_PIPELINE, "run", "--config", str(config_file)], env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return subprocess.Popen(
+            [DPO_PIPELINE, "run", "--config", str(config_file)],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
@@ -72,8 +87,11 @@ def run_processes(out: Path, leader: int) -> list[psutil.Process]:
         try:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if (proc.pid == leader or str(out) in " ".join(proc.info["cmdline"] or [])
-                    or proc.environ().get(LOCK_HELD) == str(out)):
+            if (
+                proc.pid == leader
+                or str(out) in " ".join(proc.info["cmdline"] or [])
+                or proc.environ().get(LOCK_HELD) == str(out)
+            ):
                 found.append(proc)
         except psutil.Error:
             continue
@@ -94,9 +112,11 @@ def assert_nothing_left(out: Path, proc: subprocess.Popen, since: float) -> floa
 def flow_runs(out: Path) -> list[tuple[str, str, str | None]]:
     """(name, state type, state message) of every flow run in the run's own Prefect database, oldest first."""
     with sqlite3.connect(server_dir(out) / "prefect.db") as db:
-        return db.execute("SELECT flow_run.name, flow_run.state_type, flow_run_state.message FROM flow_run "
-                          "LEFT JOIN flow_run_state ON flow_run.state_id = flow_run_state.id "
-                          "ORDER BY flow_run.created").fetchall()
+        return db.execute(
+            "SELECT flow_run.name, flow_run.state_type, flow_run_state.message FROM flow_run "
+            "LEFT JOIN flow_run_state ON flow_run.state_id = flow_run_state.id "
+            "ORDER BY flow_run.created"
+        ).fetchall()
 
 
 def run_name(log: Path) -> str:
@@ -108,8 +128,11 @@ def training(log: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGHUP", "SIGINT-to-group"])
+@pytest.mark.parametrize(
+    "sig, to_group",
+    [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGHUP", "SIGINT-to-group"],
+)
 def test_a_signal_ends_jobs_server_and_run_within_seconds_as_crashed(endless, tmp_path, sig, to_group):
     out, log = output_dir(endless), tmp_path / "run.log"
     proc = start_run(endless, log)
@@ -148,7 +171,9 @@ def test_kill_9_of_the_run_leaves_no_process_and_the_next_run_marks_it_crashed(e
     following.send_signal(signal.SIGTERM)
     assert_nothing_left(out, following, time.monotonic())
     states = {name: (state, message) for name, state, message in flow_runs(out)}
-    assert states[killed] == ("CRASHED", "the process running it was killed before it could report; marked "
-                                         "Crashed by the next run")
+    assert states[killed] == (
+        "CRASHED",
+        "the process running it was killed before it could report; marked Crashed by the next run",
+    )
     assert not {state for state, _ in states.values()} & {"RUNNING", "PENDING"}
     print(f"kill -9: no process left after {took:.1f} s")

@@ -56,8 +56,9 @@ NO_EVAL = {"sync_ref_model": False, "eval_steps": None, "save_steps": None}
 
 
 def _node_up() -> bool:
-    states = subprocess.run(["sinfo", "--noheader", "--format", "%t"], capture_output=True, text=True, timeout=60,
-                            check=False).stdout.split()
+    states = subprocess.run(
+        ["sinfo", "--noheader", "--format", "%t"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout.split()
     return any(state in ("idle", "mix", "alloc") for state in states)
 
 
@@ -65,12 +66,15 @@ def _node_up() -> bool:
 def slurm_cluster():
     """A Slurm with a node up: the one that answers, or a local one started here (and stopped at the end)."""
     if not all(map(shutil.which, ("srun", "sinfo", "squeue", "scancel"))):
-        pytest.skip("Slurm's client tools (srun, sinfo, squeue, scancel) are not installed; `bash .ci/slurm.sh "
-                    "start` installs Debian's slurm-wlm and munge and starts a single-node Slurm on 127.0.0.1")
+        pytest.skip(
+            "Slurm's client tools (srun, sinfo, squeue, scancel) are not installed; `bash .ci/slurm.sh "
+            "start` installs Debian's slurm-wlm and munge and starts a single-node Slurm on 127.0.0.1"
+        )
     started = None
     if not _node_up():
-        started = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=600,
-                                 check=False)
+        started = subprocess.run(
+            ["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=600, check=False
+        )
         if started.returncode != 0:
             pytest.skip(f"no Slurm node is up and `bash .ci/slurm.sh start` failed: {started.stderr.strip()[-800:]}")
     yield
@@ -118,15 +122,43 @@ def _fake_srun(directory: Path) -> str:
 
 def test_srun_command_carries_the_config(make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", _fake_srun(tmp_path / "bin"))
-    config = make_config(launcher="slurm", num_nodes=2, num_processes=4, slurm_partition="gpu", slurm_time="01:00:00",
-                         slurm_gpus_per_node=4, slurm_extra_args=["--account=llm"])
+    config = make_config(
+        launcher="slurm",
+        num_nodes=2,
+        num_processes=4,
+        slurm_partition="gpu",
+        slurm_time="01:00:00",
+        slurm_gpus_per_node=4,
+        slurm_extra_args=["--account=llm"],
+    )
     command = slurm.srun_command(config, ["-m", "pipeline.cli", "train"], "dpo-train-x")
-    assert command == ["srun", "--nodes", "2", "--ntasks", "8", "--ntasks-per-node", "4", "--kill-on-bad-exit=1",
-                       "--unbuffered", "--export=ALL", "--job-name", "dpo-train-x", "--partition", "gpu",
-                       "--time", "01:00:00", "--gpus-per-node", "4", "--account=llm",
-                       sys.executable, "-m", "pipeline.cli", "train"]
+    assert command == [
+        "srun",
+        "--nodes",
+        "2",
+        "--ntasks",
+        "8",
+        "--ntasks-per-node",
+        "4",
+        "--kill-on-bad-exit=1",
+        "--unbuffered",
+        "--export=ALL",
+        "--job-name",
+        "dpo-train-x",
+        "--partition",
+        "gpu",
+        "--time",
+        "01:00:00",
+        "--gpus-per-node",
+        "4",
+        "--account=llm",
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+    ]
     bare = slurm.srun_command(make_config(launcher="slurm"), ["-m", "x"], "n")
-    assert bare[bare.index("--job-name") + 2:] == [sys.executable, "-m", "x"]  # no empty options
+    assert bare[bare.index("--job-name") + 2 :] == [sys.executable, "-m", "x"]  # no empty options
 
 
 def test_launcher_slurm_without_srun_is_one_clear_error(make_config, tmp_path, monkeypatch):
@@ -138,17 +170,29 @@ def test_launcher_slurm_without_srun_is_one_clear_error(make_config, tmp_path, m
 # ---------------------------------------------------------------------------------------------- real Slurm
 @pytest.mark.slow
 def test_srun_two_tasks_train_from_slurm_variables_alone(make_config, clean_queue, tmp_path):
-    config = make_config(max_steps=4, eval_steps=2, per_device_eval_batch_size=16, launcher="slurm",
-                         num_processes=2, deepspeed=str(REPO_ROOT / "configs" / "ds_zero2.json"))
+    config = make_config(
+        max_steps=4,
+        eval_steps=2,
+        per_device_eval_batch_size=16,
+        launcher="slurm",
+        num_processes=2,
+        deepspeed=str(REPO_ROOT / "configs" / "ds_zero2.json"),
+    )
     tokenize_stage(config)
     reference_stage(config)
     config_path = tmp_path / "train.yaml"
     save_config(config, config_path)
     env = {**job_environment(), **JOB_ENV}
     assert not set(RANK_VARIABLES) & set(env)  # the rank information can only come from Slurm
-    result = subprocess.run(["srun", "-N", "1", "-n", "2", sys.executable, "-m", "pipeline.cli", "train",
-                             "--config", str(config_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
+    result = subprocess.run(
+        ["srun", "-N", "1", "-n", "2", sys.executable, "-m", "pipeline.cli", "train", "--config", str(config_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = read_summary(Plan.of(config).train_dir)
     assert summary["world_size"] == 2 and summary["num_steps"] == 4
@@ -198,8 +242,15 @@ def test_cancelling_a_served_run_leaves_no_slurm_job(served, tiny):  # noqa: F81
 def test_the_flow_hook_scancels_the_slurm_jobs_of_its_flow_run_only(prefect_server, clean_queue):  # noqa: F811
     # prefect_server: the hook logs to the flow run (without an API it would start a temporary server to do so).
     mine, other = uuid.uuid4(), uuid.uuid4()
-    jobs = [subprocess.Popen(["srun", "--job-name", f"dpo-train-{run_id}", "sleep", "300"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True) for run_id in (mine, other)]
+    jobs = [
+        subprocess.Popen(
+            ["srun", "--job-name", f"dpo-train-{run_id}", "sleep", "300"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for run_id in (mine, other)
+    ]
     try:
         wait_until(lambda: len(slurm.queued()) == 2, 60, "both jobs in squeue")
         # Neither srun is a job of this process's launcher nor tagged with a flow run id: only scancel ends one.

@@ -43,14 +43,32 @@ from pipeline.train import tr_dpo, windows
 from pipeline.train.stage import train_stage
 
 TOL = 1e-5
-RUN = {"max_length": 64, "max_prompt_length": 32, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-       "max_steps": 4, "sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.6,
-       "warmup_steps": 1, "precompute_ref_batch_size": 16, "deepspeed": "configs/ds_zero2.json"}
+RUN = {
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-3,
+    "max_steps": 4,
+    "sync_ref_model": True,
+    "ref_model_sync_steps": 2,
+    "ref_model_mixup_alpha": 0.6,
+    "warmup_steps": 1,
+    "precompute_ref_batch_size": 16,
+    "deepspeed": "configs/ds_zero2.json",
+}
 
 
 def run_config(root: Path, model_dir: Path, **overrides):
-    return load_config(None, {"model_name_or_path": str(model_dir), "output_dir": str(root / "out"),
-                              "dataset_name": str(write_small_dataset(root / "data")), **RUN, **overrides})
+    return load_config(
+        None,
+        {
+            "model_name_or_path": str(model_dir),
+            "output_dir": str(root / "out"),
+            "dataset_name": str(write_small_dataset(root / "data")),
+            **RUN,
+            **overrides,
+        },
+    )
 
 
 def run_tr_dpo(config) -> Path:
@@ -66,8 +84,9 @@ def window_plan(config) -> windows.WindowPlan:
     return windows.WindowPlan.of(config, TrainingSchedule.from_config(config, ids, 1))
 
 
-@pytest.fixture(scope="module", params=["configs/ds_zero2.json", None, "configs/ds_zero3.json"],
-                ids=["zero2", "zero0", "zero3"])
+@pytest.fixture(
+    scope="module", params=["configs/ds_zero2.json", None, "configs/ds_zero3.json"], ids=["zero2", "zero0", "zero3"]
+)
 def tr_dpo_run(request, tmp_path_factory, tiny_model_dir):
     """One uninterrupted TR-DPO run per ZeRO stage, in process: (config, run dir)."""
     config = run_config(tmp_path_factory.mktemp("tr-dpo"), tiny_model_dir, deepspeed=request.param)
@@ -77,8 +96,10 @@ def tr_dpo_run(request, tmp_path_factory, tiny_model_dir):
 # ---------------------------------------------------------------------------------------------- planning
 def test_windows_cover_the_steps_in_blocks_of_tau():
     def bounds(steps, tau):
-        config = load_config(None, {"max_steps": steps, "ref_model_sync_steps": tau, "sync_ref_model": True,
-                                    "per_device_train_batch_size": 2})
+        config = load_config(
+            None,
+            {"max_steps": steps, "ref_model_sync_steps": tau, "sync_ref_model": True, "per_device_train_batch_size": 2},
+        )
         return windows.window_bounds(config, TrainingSchedule.from_config(config, range(10), 1))
 
     assert bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
@@ -87,8 +108,9 @@ def test_windows_cover_the_steps_in_blocks_of_tau():
 
 
 def test_window_examples_are_the_distinct_ids_its_steps_consume():
-    config = load_config(None, {"max_steps": 12, "ref_model_sync_steps": 6, "sync_ref_model": True,
-                                "per_device_train_batch_size": 2})
+    config = load_config(
+        None, {"max_steps": 12, "ref_model_sync_steps": 6, "sync_ref_model": True, "per_device_train_batch_size": 2}
+    )
     schedule = TrainingSchedule.from_config(config, range(0, 20, 2), 1)  # 5 steps per epoch: windows span two
     plan = windows.WindowPlan.of(config, schedule)
     for k, (start, stop) in enumerate(plan.bounds):
@@ -99,14 +121,17 @@ def test_window_examples_are_the_distinct_ids_its_steps_consume():
         plan.window(2)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"ref_model_sync_steps": 0}, "ref_model_sync_steps: must be > 0"),
-    ({"ref_model_sync_steps": -3}, "ref_model_sync_steps: must be > 0"),
-    ({"ref_model_mixup_alpha": 0.0}, r"ref_model_mixup_alpha: must be in \(0, 1\]"),
-    ({"ref_model_mixup_alpha": 1.5}, r"ref_model_mixup_alpha: must be in \(0, 1\]"),
-    ({"ref_model_mixup_alpha": -0.1}, r"ref_model_mixup_alpha: must be in \(0, 1\]"),
-    ({"reference_free": True}, "cannot be reference_free"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"ref_model_sync_steps": 0}, "ref_model_sync_steps: must be > 0"),
+        ({"ref_model_sync_steps": -3}, "ref_model_sync_steps: must be > 0"),
+        ({"ref_model_mixup_alpha": 0.0}, r"ref_model_mixup_alpha: must be in \(0, 1\]"),
+        ({"ref_model_mixup_alpha": 1.5}, r"ref_model_mixup_alpha: must be in \(0, 1\]"),
+        ({"ref_model_mixup_alpha": -0.1}, r"ref_model_mixup_alpha: must be in \(0, 1\]"),
+        ({"reference_free": True}, "cannot be reference_free"),
+    ],
+)
 def test_bad_tr_dpo_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"sync_ref_model": True, **override})
@@ -134,18 +159,29 @@ def test_version_chain_links_previous_version_policy_step_and_alpha(tr_dpo_run, 
     assert v0["inputs"] == {"version": 0, "model_weights": model_weights_hash(tiny_model_dir)}
     assert v0["files"] == {}  # no copy of the original model
     assert set(v1["inputs"]) == {"version", "previous", "policy_step", "policy_digest", "alpha"}
-    assert (v1["inputs"]["version"], v1["inputs"]["previous"], v1["inputs"]["policy_step"],
-            v1["inputs"]["alpha"]) == (1, v0["fingerprint"], 2, 0.6)
+    assert (v1["inputs"]["version"], v1["inputs"]["previous"], v1["inputs"]["policy_step"], v1["inputs"]["alpha"]) == (
+        1,
+        v0["fingerprint"],
+        2,
+        0.6,
+    )
     assert len(v1["slice_digests"]) == 1 and v1["slice_digests"] != v0["slice_digests"]
     for k, version in enumerate((v0, v1)):
         extra = read_manifest(windows.window_dir(run_dir, k), kind="reference")["inputs"]["extra"]
-        assert extra == {"tr_dpo_window": k, "steps": [2 * k, 2 * k + 2], "reference_version": k,
-                         "reference_version_fingerprint": version["fingerprint"]}
+        assert extra == {
+            "tr_dpo_window": k,
+            "steps": [2 * k, 2 * k + 2],
+            "reference_version": k,
+            "reference_version_fingerprint": version["fingerprint"],
+        }
 
 
 def _pair_logps(out) -> PairLogps:
     (chosen, rejected), (chosen_len, rejected_len), (chosen_pub, rejected_pub) = (
-        out.halves("logps"), out.halves("lengths"), out.halves("public_logps"))
+        out.halves("logps"),
+        out.halves("lengths"),
+        out.halves("public_logps"),
+    )
     return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_pub, rejected_pub)
 
 
@@ -166,13 +202,17 @@ def resident_reference_loop(config):
     ref = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32).eval()
     initial = copy.deepcopy(ref)
     # The recipe's optimizer, schedule and clipping (pipeline/train/stage.py): AdamW without decay on 1-D params.
-    groups = [{"params": [p for p in policy.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in policy.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon)
+    groups = [
+        {"params": [p for p in policy.parameters() if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in policy.parameters() if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
+    )
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * schedule.num_steps)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=schedule.num_steps)
+    scheduler = get_scheduler(
+        config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=schedule.num_steps
+    )
     state, spec = LossState(), config.loss_spec()
     losses, ref_logps = [], {}
     for step in range(schedule.num_steps):
@@ -218,8 +258,10 @@ def test_tr_dpo_in_the_job_equals_an_in_memory_loop_with_a_resident_reference(tr
     table = load_tokenized(tokenized, "train")
     ids = table.column("example_id").to_numpy()
     window1 = load_reference_logps(windows.window_dir(run_dir, 1), split="train")
-    batch = collate_pairs(table.take(np.searchsorted(ids, window1.example_ids)).to_pylist(),
-                          int(tokenized_manifest(tokenized)["pad_token_id"]))
+    batch = collate_pairs(
+        table.take(np.searchsorted(ids, window1.example_ids)).to_pylist(),
+        int(tokenized_manifest(tokenized)["pad_token_id"]),
+    )
     with torch.no_grad():
         stale = completion_logps(initial, batch).halves("logps")[0].numpy()
     assert np.abs(stale - window1.chosen).max() > 100 * TOL
@@ -232,9 +274,26 @@ def test_two_ranks_equal_the_resident_loop(tmp_path, tiny_model_dir, deepspeed):
     config = run_config(tmp_path, tiny_model_dir, deepspeed=deepspeed, per_device_train_batch_size=2)
     cfg = tmp_path / "config.yaml"
     save_config(config, cfg)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "-m", "pipeline.cli", "train", "--config", str(cfg)], cwd=REPO_ROOT,
-                          env={**job_environment(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "pipeline.cli",
+            "train",
+            "--config",
+            str(cfg),
+        ],
+        cwd=REPO_ROOT,
+        env={**job_environment(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = Plan.of(config.model_copy(update={"per_device_train_batch_size": 2})).train_dir
     losses, policy, _, _ = resident_reference_loop(config.model_copy(update={"per_device_train_batch_size": 4}))
@@ -253,8 +312,10 @@ def test_a_window_artifact_scored_by_another_version_is_rescored_not_trained_on(
     shutil.rmtree(windows.window_dir(copy_dir, 1))
     shutil.copytree(windows.window_dir(copy_dir, 0), windows.window_dir(copy_dir, 1))
     train_stage(copy_config)
-    assert (read_manifest(windows.window_dir(copy_dir, 1), kind="reference")["fingerprint"]
-            == read_manifest(windows.window_dir(run_dir, 1), kind="reference")["fingerprint"])
+    assert (
+        read_manifest(windows.window_dir(copy_dir, 1), kind="reference")["fingerprint"]
+        == read_manifest(windows.window_dir(run_dir, 1), kind="reference")["fingerprint"]
+    )
 
 
 def test_a_reference_slice_that_does_not_match_its_version_is_refused(tr_dpo_run, tmp_path):
@@ -314,10 +375,26 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def _rank(script: Path, cfg: Path, log: Path, **env) -> subprocess.Popen:
     """One rank under torchrun running ``script`` (job_environment(): no rank variables of this process)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-               str(free_port()), str(script), "train", "--config", str(cfg)]
-    return subprocess.Popen(command, env={**job_environment(), "OMP_NUM_THREADS": "1", **env}, cwd=REPO_ROOT,
-                            stdout=log.open("a"), stderr=subprocess.STDOUT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        "train",
+        "--config",
+        str(cfg),
+    ]
+    return subprocess.Popen(
+        command,
+        env={**job_environment(), "OMP_NUM_THREADS": "1", **env},
+        cwd=REPO_ROOT,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -363,17 +440,26 @@ def test_sigkill_in_every_phase_then_rerun_gives_the_uninterrupted_weights(tmp_p
         time.sleep(0.1)
     _kill_tree(rank)
     # 5. The rerun, through the real command, finishes.
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(cfg)], cwd=REPO_ROOT,
-                          env={**job_environment(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(cfg)],
+        cwd=REPO_ROOT,
+        env={**job_environment(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, log.read_text()[-2000:] + done.stdout[-2000:] + done.stderr[-2000:]
 
     ours, theirs = (load_file(d / "final_model" / "model.safetensors") for d in (run_dir, baseline_dir))
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
-    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
-               if '"loss"' in line] for d in (run_dir, baseline_dir)]
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for d in (run_dir, baseline_dir)
+    ]
     assert losses[0] == losses[1]
-    v1 = [read_manifest(windows.version_dir(d, 1), kind=windows.VERSION_KIND)["fingerprint"]
-          for d in (run_dir, baseline_dir)]
+    v1 = [
+        read_manifest(windows.version_dir(d, 1), kind=windows.VERSION_KIND)["fingerprint"]
+        for d in (run_dir, baseline_dir)
+    ]
     assert v1[0] == v1[1]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["reference_forwards_per_example"] == 1.0 and summary["reference_versions"] == 2

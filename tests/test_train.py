@@ -66,13 +66,16 @@ def shared_out(tmp_path_factory):
 def prepared(make_config, dropout_model_dir, shared_out):
     """Factory: a training config whose tokenized and reference artifacts exist. Artifacts are content-addressed,
     so tests sharing ``shared_out`` make them once; a test that replaces an artifact passes its own output_dir."""
+
     def make(*, reference=True, **overrides):
-        config = make_config(**{"model_name_or_path": str(dropout_model_dir), "output_dir": str(shared_out),
-                                **TRAIN, **overrides})
+        config = make_config(
+            **{"model_name_or_path": str(dropout_model_dir), "output_dir": str(shared_out), **TRAIN, **overrides}
+        )
         tokenize_stage(config)
         if reference:
             reference_stage(config)
         return config
+
     return make
 
 
@@ -108,8 +111,10 @@ def eval_chosen_logps(config, model_path):
     rows = load_tokenized(tokenized, "eval").to_pylist()
     pad, size = tokenized_manifest(tokenized)["pad_token_id"], config.per_device_eval_batch_size
     with torch.no_grad():
-        total = sum(completion_logps(model, collate_pairs(rows[i:i + size], pad)).halves("logps")[0].sum().item()
-                    for i in range(0, len(rows), size))
+        total = sum(
+            completion_logps(model, collate_pairs(rows[i : i + size], pad)).halves("logps")[0].sum().item()
+            for i in range(0, len(rows), size)
+        )
     return total / len(rows)
 
 
@@ -131,8 +136,18 @@ def test_run_writes_metrics_model_plots_and_summary(prepared, dropout_model_dir)
     # Step 0: policy == reference (dropout off, same log-prob function) -> sigmoid loss ln 2, zero margins.
     assert abs(train_rows[0]["loss"] - math.log(2)) < 1e-4
     assert abs(train_rows[0]["rewards/margins"]) < 1e-4
-    for key in ("loss/sigmoid", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "tokens_per_second"):
+    for key in (
+        "loss/sigmoid",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+    ):
         assert key in train_rows[-1], key
     # Warmup 2 steps then cosine over the remaining 2: lr x (0, 1/2, 1, 1/2).
     assert [r["learning_rate"] for r in train_rows] == pytest.approx([0.0, 1e-3, 2e-3, 1e-3])
@@ -167,8 +182,15 @@ def test_run_writes_metrics_model_plots_and_summary(prepared, dropout_model_dir)
 @pytest.mark.parametrize("ds_config, bf16", [("ds_zero3.json", False), ("ds_zero1.json", True)])
 def test_resume_after_stop_is_exact(prepared, ds_config, bf16):
     """Stop at step 2 (checkpoint), resume in a fresh engine: same weights, same metrics, incl. the BCO mean."""
-    config = prepared(deepspeed=str(CONFIGS / ds_config), bf16=bf16, loss_type=["sigmoid", "bco_pair", "sft"],
-                      loss_weights=[1.0, 0.5, 0.1], max_steps=5, eval_steps=3, warmup_steps=1)
+    config = prepared(
+        deepspeed=str(CONFIGS / ds_config),
+        bf16=bf16,
+        loss_type=["sigmoid", "bco_pair", "sft"],
+        loss_weights=[1.0, 0.5, 0.1],
+        max_steps=5,
+        eval_steps=3,
+        warmup_steps=1,
+    )
     run = train_stage(config)
     uninterrupted, metrics = weights(run), without_timing(records(run))
     shutil.rmtree(run)
@@ -181,7 +203,8 @@ def test_resume_after_stop_is_exact(prepared, ds_config, bf16):
     assert without_timing(records(run)) == metrics
     # The saved model (gathered from ZeRO-3 partitions; bf16 weights under bf16) is the one that was evaluated.
     assert eval_chosen_logps(config, run / "final_model") == pytest.approx(
-        read_summary(run)["eval_metrics"]["eval_logps/chosen"], rel=1e-3 if bf16 else 1e-5)
+        read_summary(run)["eval_metrics"]["eval_logps/chosen"], rel=1e-3 if bf16 else 1e-5
+    )
 
 
 def test_a_reference_that_covers_only_the_steps_run_so_far(prepared, tmp_path):
@@ -191,9 +214,15 @@ def test_a_reference_that_covers_only_the_steps_run_so_far(prepared, tmp_path):
     tokenized = tokenize_stage(config)
     ids = load_tokenized(tokenized, "train").column("example_id").to_numpy()
     window = np.unique(TrainingSchedule.from_config(config, ids, world=1).window_ids(0, 2))
-    ref = compute_reference_logps(config, tokenized_dir=tokenized, model_dir=model_dir(config),
-                                  out_dir=tmp_path / "window-0", splits=["train"], example_ids={"train": window},
-                                  extra_inputs={"window": 0})
+    ref = compute_reference_logps(
+        config,
+        tokenized_dir=tokenized,
+        model_dir=model_dir(config),
+        out_dir=tmp_path / "window-0",
+        splits=["train"],
+        example_ids={"train": window},
+        extra_inputs={"window": 0},
+    )
     run = train_stage(config, stop_step=2, train_reference_dir=ref)
     with pytest.raises(ArtifactError, match="have no example_id"):
         train_stage(config, stop_step=4, train_reference_dir=ref)  # steps 2-3 read examples it lacks
@@ -210,8 +239,13 @@ def test_reference_from_another_tokenized_artifact_is_refused(prepared):
 
 def test_reference_from_another_model_is_refused(prepared, tiny_model_dir, tmp_path):
     config = prepared(output_dir=str(tmp_path / "out"), reference=False)
-    compute_reference_logps(config, tokenized_dir=tokenize_stage(config), model_dir=tiny_model_dir,
-                            out_dir=Plan.of(config).reference_dir, splits=["train", "eval"])
+    compute_reference_logps(
+        config,
+        tokenized_dir=tokenize_stage(config),
+        model_dir=tiny_model_dir,
+        out_dir=Plan.of(config).reference_dir,
+        splits=["train", "eval"],
+    )
     with pytest.raises(ArtifactError, match="other model weights"):
         train_stage(config)
     assert_no_step_taken(config)
@@ -221,15 +255,22 @@ def test_reference_missing_examples_is_refused(prepared, tmp_path):
     config = prepared()
     tokenized = tokenize_stage(config)
     ids = load_tokenized(tokenized, "train").column("example_id").to_numpy()
-    partial = compute_reference_logps(config, tokenized_dir=tokenized, model_dir=model_dir(config),
-                                      out_dir=tmp_path / "partial", splits=["train"], example_ids={"train": ids[:-8]})
+    partial = compute_reference_logps(
+        config,
+        tokenized_dir=tokenized,
+        model_dir=model_dir(config),
+        out_dir=tmp_path / "partial",
+        splits=["train"],
+        example_ids={"train": ids[:-8]},
+    )
     with pytest.raises(ArtifactError, match="have no example_id"):
         train_stage(config, train_reference_dir=partial)
     assert_no_step_taken(config)
 
 
-@pytest.mark.parametrize("damage, message", [("duplicate", "appears more than once"), ("nan", "not finite"),
-                                             ("inf", "not finite")])
+@pytest.mark.parametrize(
+    "damage, message", [("duplicate", "appears more than once"), ("nan", "not finite"), ("inf", "not finite")]
+)
 def test_damaged_reference_cache_is_refused(prepared, tmp_path, damage, message):
     """A cache whose manifest vouches for its files (hashes updated) but whose content is wrong."""
     config = prepared()
@@ -316,8 +357,13 @@ def test_sigkill_then_rerun_reaches_the_uninterrupted_weights(prepared, tmp_path
 @pytest.mark.parametrize("ds_config", ["ds_zero2.json", "ds_zero3.json"])
 def test_two_processes_give_the_loss_curve_of_one(prepared, ds_config):
     """1 process x accumulation 2 and 2 processes x accumulation 1: the same global batches, the same curve."""
-    common = dict(deepspeed=str(CONFIGS / ds_config), per_device_train_batch_size=4, max_steps=4, eval_steps=2,
-                  loss_type=["sigmoid", "ipo"])
+    common = dict(
+        deepspeed=str(CONFIGS / ds_config),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        eval_steps=2,
+        loss_type=["sigmoid", "ipo"],
+    )
     one = prepared(gradient_accumulation_steps=2, **common)
     two = prepared(gradient_accumulation_steps=1, num_processes=2, **common)
     run_one = train_stage(one)

@@ -26,14 +26,15 @@ def test_every_key_of_the_public_configs_is_known():
 def test_no_key_has_two_meanings():
     groups = [set(FIELD_NAMES), set(trl_keys.ALIASES), set(trl_keys.NO_EFFECT), set(trl_keys.REFUSED)]
     for i, first in enumerate(groups):
-        for second in groups[i + 1:]:
+        for second in groups[i + 1 :]:
             assert not first & second, first & second
     assert set(trl_keys.ALIASES.values()) <= set(FIELD_NAMES)
 
 
 def test_the_docs_table_is_current():
     assert (REPO_ROOT / "docs" / "trl_keys.md").read_text() == keys_markdown(INVENTORY), (
-        "regenerate: python -m pipeline.config tests/data/trl_key_inventory.json > docs/trl_keys.md")
+        "regenerate: python -m pipeline.config tests/data/trl_key_inventory.json > docs/trl_keys.md"
+    )
 
 
 def test_every_field_says_what_it_means():
@@ -41,9 +42,17 @@ def test_every_field_says_what_it_means():
 
 
 def test_values_that_change_nothing_are_accepted_and_listed_once(caplog):
-    no_ops = {"report_to": "none", "push_to_hub": False, "fp16": False, "eval_strategy": "no",
-              "precompute_ref_log_probs": True, "hub_model_id": "zephyr-7b-dpo-full", "do_eval": True,
-              "overwrite_output_dir": True, "use_peft": False}
+    no_ops = {
+        "report_to": "none",
+        "push_to_hub": False,
+        "fp16": False,
+        "eval_strategy": "no",
+        "precompute_ref_log_probs": True,
+        "hub_model_id": "zephyr-7b-dpo-full",
+        "do_eval": True,
+        "overwrite_output_dir": True,
+        "use_peft": False,
+    }
     with caplog.at_level(logging.WARNING, logger="pipeline.config"):
         config = load_config(None, no_ops)
     assert config.eval_strategy == "no"  # a field: honoured, not ignored
@@ -52,23 +61,31 @@ def test_values_that_change_nothing_are_accepted_and_listed_once(caplog):
     assert "8 keys" in lines[0] and all(key in lines[0] for key in no_ops if key != "eval_strategy")
 
 
-@pytest.mark.parametrize("key, value, why", [
-    ("push_to_hub", True, "huggingface-cli upload"),
-    ("use_peft", True, "LoRA / PEFT is not supported yet"),
-    ("fp16", True, "use bf16"),
-    ("load_in_4bit", True, "bitsandbytes"),
-    ("fsdp", "full_shard auto_wrap", "write a DeepSpeed ds_config"),
-    ("report_to", ["wandb"], "set report_to: none"),
-    ("rpo_alpha", 1.0, "loss_type: [sigmoid, sft]"),
-])
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("push_to_hub", True, "huggingface-cli upload"),
+        ("use_peft", True, "LoRA / PEFT is not supported yet"),
+        ("fp16", True, "use bf16"),
+        ("load_in_4bit", True, "bitsandbytes"),
+        ("fsdp", "full_shard auto_wrap", "write a DeepSpeed ds_config"),
+        ("report_to", ["wandb"], "set report_to: none"),
+        ("rpo_alpha", 1.0, "loss_type: [sigmoid, sft]"),
+    ],
+)
 def test_missing_behaviour_is_refused_with_the_reason_and_the_alternative(key, value, why):
     with pytest.raises(ConfigError, match=rf"{key}: .* is not supported here: .*{re.escape(why)}"):
         load_config(None, {key: value})
 
 
-@pytest.mark.parametrize("key, not_hinted", [
-    ("use_peft", "use_weighting"), ("lora_dropout", "label_smoothing"), ("preprocessing_num_workers", "num_processes"),
-])
+@pytest.mark.parametrize(
+    "key, not_hinted",
+    [
+        ("use_peft", "use_weighting"),
+        ("lora_dropout", "label_smoothing"),
+        ("preprocessing_num_workers", "num_processes"),
+    ],
+)
 def test_a_known_key_of_another_library_is_never_pointed_at_another_field(key, not_hinted):
     try:
         load_config(None, {key: 1})
@@ -85,8 +102,9 @@ def test_typos_get_a_hint_only_for_a_close_match():
 
 
 def test_old_names_are_renamed_and_may_not_disagree_with_the_new():
-    config = load_config(None, {"torch_dtype": "bfloat16", "bf16": True, "evaluation_strategy": "steps",
-                                "preprocessing_num_workers": 3})
+    config = load_config(
+        None, {"torch_dtype": "bfloat16", "bf16": True, "evaluation_strategy": "steps", "preprocessing_num_workers": 3}
+    )
     assert (config.dtype, config.eval_strategy, config.dataset_num_proc) == ("bfloat16", "steps", 3)
     with pytest.raises(ConfigError, match="both 'torch_dtype' and 'dtype' are set"):
         load_config(None, {"torch_dtype": "bfloat16", "dtype": "float32", "bf16": True})
@@ -95,18 +113,55 @@ def test_old_names_are_renamed_and_may_not_disagree_with_the_new():
 
 
 def test_trl_command_line_spelling_becomes_overrides():
-    argv = ["train", "--config", "c.yaml", "--beta", "0.1", "--bf16", "--learning_rate=5e-7", "--max_steps", "-1",
-            "x=1", "--output-dir", "out", "--no_remove_unused_columns"]
-    assert override_arguments(argv) == ["train", "--config", "c.yaml", "beta=0.1", "bf16=true", "learning_rate=5e-7",
-                                        "max_steps=-1", "x=1", "--output-dir", "out", "remove_unused_columns=false"]
+    argv = [
+        "train",
+        "--config",
+        "c.yaml",
+        "--beta",
+        "0.1",
+        "--bf16",
+        "--learning_rate=5e-7",
+        "--max_steps",
+        "-1",
+        "x=1",
+        "--output-dir",
+        "out",
+        "--no_remove_unused_columns",
+    ]
+    assert override_arguments(argv) == [
+        "train",
+        "--config",
+        "c.yaml",
+        "beta=0.1",
+        "bf16=true",
+        "learning_rate=5e-7",
+        "max_steps=-1",
+        "x=1",
+        "--output-dir",
+        "out",
+        "remove_unused_columns=false",
+    ]
 
 
 def test_config_command_lists_every_key_and_prints_a_resolved_config(tmp_path):
-    listing = subprocess.run([sys.executable, "-m", "pipeline.cli", "config"], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config"], capture_output=True, text=True, check=True
+    ).stdout
     assert all(f"\n{name} = " in f"\n{listing}" for name in FIELD_NAMES)
     assert "torch_dtype -> dtype" in listing and "push_to_hub (accepted: false, null)" in listing
-    resolved = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "--config",
-                               str(REPO_ROOT / "configs" / "default.yaml"), "--beta", "0.3"],
-                              capture_output=True, text=True, check=True).stdout
+    resolved = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "config",
+            "--config",
+            str(REPO_ROOT / "configs" / "default.yaml"),
+            "--beta",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert yaml.safe_load(resolved)["beta"] == 0.3

@@ -11,9 +11,9 @@ import pytest
 from pipeline.config import load_config
 from pipeline.tokenize.truncation import Truncation
 
-P = list(range(1, 11))   # a 10-token prompt
+P = list(range(1, 11))  # a 10-token prompt
 C = list(range(20, 26))  # a 6-token chosen completion
-R = [30, 31, 32]         # a 3-token rejected completion
+R = [30, 31, 32]  # a 3-token rejected completion
 
 
 def test_current_trl_keep_start_cuts_each_completions_tail_to_the_room_left():
@@ -35,10 +35,13 @@ def test_keep_end_completion_filling_max_length_keeps_its_end_after_the_prompts_
     assert Truncation(5, None, None, "keep_end").apply(P, C, R) == ([10], C[-4:], R)
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("keep_start", ([7, 8, 9, 10], [20, 21, 22, 23], R)),  # (P[-4:] + C[:5])[:8]
-    ("keep_end", ([8, 9, 10], [20, 21, 22, 23, 24], R)),   # (P[-4:] + C[:5])[-8:]
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("keep_start", ([7, 8, 9, 10], [20, 21, 22, 23], R)),  # (P[-4:] + C[:5])[:8]
+        ("keep_end", ([8, 9, 10], [20, 21, 22, 23, 24], R)),  # (P[-4:] + C[:5])[-8:]
+    ],
+)
 def test_trl_before_029_cuts_prompt_end_and_completion_start_then_each_sequence(mode, expected):
     assert Truncation(8, 4, 5, mode).apply(P, C, R) == expected
 
@@ -66,20 +69,23 @@ def test_the_longer_sequence_is_exactly_trls(mode):
             continue
         ours = [cut[0] + cut[1], cut[0] + cut[2]]
         if mode == "keep_end" and len(sides[longer]) >= limit:
-            assert ours[longer] == [prompt[-1], *sides[longer][-(limit - 1):]]  # the one departure, documented
+            assert ours[longer] == [prompt[-1], *sides[longer][-(limit - 1) :]]  # the one departure, documented
             continue
         assert ours[longer] == trl[longer]
         if mode == "keep_start":
             assert ours[shorter] == trl[shorter]
 
 
-@pytest.mark.parametrize("keys, rule, mode", [
-    ({}, "trl>=0.29", "keep_start"),                                      # a TRL >= 0.29 YAML
-    ({"max_prompt_length": 32}, "trl<0.29", "keep_end"),                   # a TRL < 0.29 YAML
-    ({"max_completion_length": 16}, "trl<0.29", "keep_end"),
-    ({"max_prompt_length": 32, "truncation_mode": "keep_start"}, "trl<0.29", "keep_start"),
-    ({"truncation_mode": "keep_end"}, "trl>=0.29", "keep_end"),
-])
+@pytest.mark.parametrize(
+    "keys, rule, mode",
+    [
+        ({}, "trl>=0.29", "keep_start"),  # a TRL >= 0.29 YAML
+        ({"max_prompt_length": 32}, "trl<0.29", "keep_end"),  # a TRL < 0.29 YAML
+        ({"max_completion_length": 16}, "trl<0.29", "keep_end"),
+        ({"max_prompt_length": 32, "truncation_mode": "keep_start"}, "trl<0.29", "keep_start"),
+        ({"truncation_mode": "keep_end"}, "trl>=0.29", "keep_end"),
+    ],
+)
 def test_a_yaml_means_what_its_trl_version_meant(keys, rule, mode):
     truncation = Truncation.from_config(load_config(None, {"max_length": 64, **keys}))
     assert (truncation.rule, truncation.truncation_mode) == (rule, mode)

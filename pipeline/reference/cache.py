@@ -45,18 +45,20 @@ SPLITS = tuple(SPLIT_FILES)  # "train", "eval"
 # scores in (:func:`dtype_name`) and which splits it scores (:func:`scored_splits`).
 REFERENCE_FIELDS = frozenset({"bf16", "sync_ref_model"})
 
-SCHEMA = pa.schema([
-    pa.field("example_id", pa.int64(), nullable=False),
-    pa.field("ref_chosen_logps", pa.float32(), nullable=False),
-    pa.field("ref_rejected_logps", pa.float32(), nullable=False),
-    pa.field("ref_chosen_public_logps", pa.float32(), nullable=False),
-    pa.field("ref_rejected_public_logps", pa.float32(), nullable=False),
-    pa.field("chosen_length", pa.int32(), nullable=False),
-    pa.field("rejected_length", pa.int32(), nullable=False),
-])
+SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.int64(), nullable=False),
+        pa.field("ref_chosen_logps", pa.float32(), nullable=False),
+        pa.field("ref_rejected_logps", pa.float32(), nullable=False),
+        pa.field("ref_chosen_public_logps", pa.float32(), nullable=False),
+        pa.field("ref_rejected_public_logps", pa.float32(), nullable=False),
+        pa.field("chosen_length", pa.int32(), nullable=False),
+        pa.field("rejected_length", pa.int32(), nullable=False),
+    ]
+)
 VALUE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_public_logps", "ref_rejected_public_logps")
 _META_KEY = b"reference"  # Parquet key-value metadata of a shard: which artifact, split and shard it belongs to
-NAMED_IDS = 5            # ids quoted in an error message
+NAMED_IDS = 5  # ids quoted in an error message
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
@@ -71,9 +73,15 @@ def scored_splits(config: DPOPipelineConfig, present: Sequence[str]) -> list[str
     return [split for split in SPLITS if split in present and not (split == "train" and config.sync_ref_model)]
 
 
-def reference_inputs(*, tokenized_fingerprint: str, weights_hash: str, dtype: str, splits: Sequence[str],
-                     example_ids: Mapping[str, Sequence[int] | np.ndarray] | None = None,
-                     extra_inputs: Mapping | None = None) -> dict[str, Any]:
+def reference_inputs(
+    *,
+    tokenized_fingerprint: str,
+    weights_hash: str,
+    dtype: str,
+    splits: Sequence[str],
+    example_ids: Mapping[str, Sequence[int] | np.ndarray] | None = None,
+    extra_inputs: Mapping | None = None,
+) -> dict[str, Any]:
     """Every input of a reference artifact's fingerprint, in one place."""
     return {
         "tokenized": tokenized_fingerprint,
@@ -81,8 +89,9 @@ def reference_inputs(*, tokenized_fingerprint: str, weights_hash: str, dtype: st
         "dtype": dtype,
         "splits": list(splits),
         # A subset is identified by the hash of its sorted ids; None means every example of the split.
-        "example_ids": {split: fingerprint(sorted(int(i) for i in ids))
-                        for split, ids in sorted((example_ids or {}).items())},
+        "example_ids": {
+            split: fingerprint(sorted(int(i) for i in ids)) for split, ids in sorted((example_ids or {}).items())
+        },
         "extra": dict(extra_inputs or {}),
     }
 
@@ -123,10 +132,12 @@ def committed_shards(out_dir: Path, plan: Sequence[Shard], fp: str) -> set[str]:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException):
             continue
-        if ((table.schema.metadata or {}).get(_META_KEY) == shard.metadata(fp)
-                and table.schema.remove_metadata() == SCHEMA
-                and np.array_equal(table.column("example_id").to_numpy(), shard.example_ids)
-                and all(np.isfinite(table.column(name).to_numpy()).all() for name in VALUE_COLUMNS)):
+        if (
+            (table.schema.metadata or {}).get(_META_KEY) == shard.metadata(fp)
+            and table.schema.remove_metadata() == SCHEMA
+            and np.array_equal(table.column("example_id").to_numpy(), shard.example_ids)
+            and all(np.isfinite(table.column(name).to_numpy()).all() for name in VALUE_COLUMNS)
+        ):
             kept.add(shard.name)
     return kept
 
@@ -158,13 +169,15 @@ def usable(out_dir: Path, splits: Sequence[str]) -> str | None:
     return None
 
 
-
 def plan_shards(ids_by_split: Mapping[str, np.ndarray], shard_size: int) -> list[Shard]:
     """The shards of an artifact: each split's sorted example ids cut into runs of ``shard_size``."""
     if shard_size <= 0:
         raise ConfigError(f"shard_size must be > 0, got {shard_size}")
-    return [Shard(split, index, ids[start:start + shard_size]) for split, ids in ids_by_split.items()
-            for index, start in enumerate(range(0, len(ids), shard_size))]
+    return [
+        Shard(split, index, ids[start : start + shard_size])
+        for split, ids in ids_by_split.items()
+        for index, start in enumerate(range(0, len(ids), shard_size))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -173,11 +186,11 @@ class ReferenceLogps:
     """One split of a reference artifact, sorted by example_id; float32 sums and int32 completion lengths."""
 
     split: str
-    example_ids: np.ndarray        # int64, strictly increasing
-    chosen: np.ndarray             # ref_chosen_logps
-    rejected: np.ndarray           # ref_rejected_logps
-    chosen_public: np.ndarray      # ref_chosen_public_logps
-    rejected_public: np.ndarray    # ref_rejected_public_logps
+    example_ids: np.ndarray  # int64, strictly increasing
+    chosen: np.ndarray  # ref_chosen_logps
+    rejected: np.ndarray  # ref_rejected_logps
+    chosen_public: np.ndarray  # ref_chosen_public_logps
+    rejected_public: np.ndarray  # ref_rejected_public_logps
     chosen_lengths: np.ndarray
     rejected_lengths: np.ndarray
 
@@ -190,15 +203,30 @@ class ReferenceLogps:
         pos = np.searchsorted(self.example_ids, wanted).clip(max=max(len(self.example_ids) - 1, 0))
         absent = wanted[self.example_ids[pos] != wanted] if len(self.example_ids) else wanted
         if absent.size:
-            raise ArtifactError(f"reference log-probs ({self.split}) have no example_id "
-                                f"{absent[:NAMED_IDS].tolist()}; the reference artifact does not match the data")
-        return ReferenceLogps(self.split, wanted, *(values[pos] for values in (
-            self.chosen, self.rejected, self.chosen_public, self.rejected_public, self.chosen_lengths,
-            self.rejected_lengths)))
+            raise ArtifactError(
+                f"reference log-probs ({self.split}) have no example_id "
+                f"{absent[:NAMED_IDS].tolist()}; the reference artifact does not match the data"
+            )
+        return ReferenceLogps(
+            self.split,
+            wanted,
+            *(
+                values[pos]
+                for values in (
+                    self.chosen,
+                    self.rejected,
+                    self.chosen_public,
+                    self.rejected_public,
+                    self.chosen_lengths,
+                    self.rejected_lengths,
+                )
+            ),
+        )
 
 
-def load_reference_logps(ref_dir: Path, *, split: str, expected_ids: Sequence[int] | np.ndarray | None = None,
-                         fingerprint: str | None = None) -> ReferenceLogps:
+def load_reference_logps(
+    ref_dir: Path, *, split: str, expected_ids: Sequence[int] | np.ndarray | None = None, fingerprint: str | None = None
+) -> ReferenceLogps:
     """Read and verify one split of a reference artifact.
 
     Refuses (ArtifactError) an incomplete artifact, another fingerprint than ``fingerprint``, modified files,
@@ -206,8 +234,9 @@ def load_reference_logps(ref_dir: Path, *, split: str, expected_ids: Sequence[in
     ref_dir = Path(ref_dir)
     manifest = read_manifest(ref_dir, kind=KIND, schema_version=SCHEMA_VERSION, fingerprint=fingerprint)
     if split not in manifest["shards"]:
-        raise ArtifactError(f"reference artifact at {ref_dir} has no {split} split "
-                            f"(it holds {', '.join(manifest['shards']) or 'none'})")
+        raise ArtifactError(
+            f"reference artifact at {ref_dir} has no {split} split (it holds {', '.join(manifest['shards']) or 'none'})"
+        )
     tables = [pq.read_table(ref_dir / name).replace_schema_metadata(None) for name in manifest["shards"][split]]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     where = f"reference artifact at {ref_dir}, split {split}"
@@ -222,18 +251,31 @@ def load_reference_logps(ref_dir: Path, *, split: str, expected_ids: Sequence[in
         expected = np.unique(np.asarray(list(expected_ids), dtype=np.int64))
         missing, extra = np.setdiff1d(expected, ids), np.setdiff1d(ids, expected)
         if missing.size:
-            raise ArtifactError(f"{where}: {missing.size} expected example_ids are missing, e.g. "
-                                f"{missing[:NAMED_IDS].tolist()}; rerun the reference stage")
+            raise ArtifactError(
+                f"{where}: {missing.size} expected example_ids are missing, e.g. "
+                f"{missing[:NAMED_IDS].tolist()}; rerun the reference stage"
+            )
         if extra.size:
-            raise ArtifactError(f"{where}: {extra.size} example_ids are not expected, e.g. "
-                                f"{extra[:NAMED_IDS].tolist()}; the artifact was made for other data")
+            raise ArtifactError(
+                f"{where}: {extra.size} example_ids are not expected, e.g. "
+                f"{extra[:NAMED_IDS].tolist()}; the artifact was made for other data"
+            )
     elif len(ids) != manifest["counts"]["examples_by_split"][split]:
-        raise ArtifactError(f"{where}: {len(ids)} rows, the manifest says "
-                            f"{manifest['counts']['examples_by_split'][split]}")
+        raise ArtifactError(
+            f"{where}: {len(ids)} rows, the manifest says {manifest['counts']['examples_by_split'][split]}"
+        )
     column = table.column
     chosen, rejected, chosen_public, rejected_public = (column(n).to_numpy() for n in VALUE_COLUMNS)
-    return ReferenceLogps(split, ids.astype(np.int64), chosen, rejected, chosen_public, rejected_public,
-                          column("chosen_length").to_numpy(), column("rejected_length").to_numpy())
+    return ReferenceLogps(
+        split,
+        ids.astype(np.int64),
+        chosen,
+        rejected,
+        chosen_public,
+        rejected_public,
+        column("chosen_length").to_numpy(),
+        column("rejected_length").to_numpy(),
+    )
 
 
 def reference_counts(ref_dir: Path) -> dict[str, Any]:
@@ -250,17 +292,25 @@ def check_made_from(ref_dir: Path, tokenized_fingerprint: str, weights_hash: str
     """Refuse a reference artifact made from another tokenized artifact (or, given ``weights_hash``, scored
     with other weights), or one whose directory holds another artifact than its name says."""
     if not (Path(ref_dir) / MANIFEST).is_file():
-        raise ArtifactError(f"no reference artifact for this config at {ref_dir}: run the reference stage first "
-                            f"(dpo-pipeline reference --config ...; `dpo-pipeline run` runs every stage)")
+        raise ArtifactError(
+            f"no reference artifact for this config at {ref_dir}: run the reference stage first "
+            f"(dpo-pipeline reference --config ...; `dpo-pipeline run` runs every stage)"
+        )
     manifest = read_manifest(ref_dir, kind=KIND, schema_version=SCHEMA_VERSION, verify_files=False)
     made_from = manifest["inputs"]["tokenized"]
     if made_from != tokenized_fingerprint:
-        raise ArtifactError(f"reference artifact at {ref_dir} was made from another tokenized artifact "
-                            f"({made_from[:12]}, this run's is {tokenized_fingerprint[:12]}); rerun the reference "
-                            f"stage")
+        raise ArtifactError(
+            f"reference artifact at {ref_dir} was made from another tokenized artifact "
+            f"({made_from[:12]}, this run's is {tokenized_fingerprint[:12]}); rerun the reference "
+            f"stage"
+        )
     if weights_hash is not None and manifest["inputs"]["reference_weights"] != weights_hash:
-        raise ArtifactError(f"reference artifact at {ref_dir} was scored with other model weights than the "
-                            f"policy's initial model; rerun the reference stage")
+        raise ArtifactError(
+            f"reference artifact at {ref_dir} was scored with other model weights than the "
+            f"policy's initial model; rerun the reference stage"
+        )
     if manifest["fingerprint"][:16] != ref_dir.name and ref_dir.parent.name == KIND:
-        raise ArtifactError(f"reference artifact at {ref_dir} holds another artifact (fingerprint "
-                            f"{manifest['fingerprint'][:16]}, not its directory's name); rerun the reference stage")
+        raise ArtifactError(
+            f"reference artifact at {ref_dir} holds another artifact (fingerprint "
+            f"{manifest['fingerprint'][:16]}, not its directory's name); rerun the reference stage"
+        )

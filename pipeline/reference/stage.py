@@ -68,15 +68,28 @@ def reference_stage(config: DPOPipelineConfig, plan: Plan | None = None) -> Path
     plan = plan or Plan.of(config)
     require_tokenized(plan.tokenized_dir)
     tokenized_manifest(plan.tokenized_dir, plan.tokenized_fingerprint, verify_files=False)  # hashed below
-    return compute_reference_logps(config, tokenized_dir=plan.tokenized_dir, model_dir=plan.model_dir,
-                                   out_dir=plan.reference_dir, splits=plan.reference_splits)
+    return compute_reference_logps(
+        config,
+        tokenized_dir=plan.tokenized_dir,
+        model_dir=plan.model_dir,
+        out_dir=plan.reference_dir,
+        splits=plan.reference_splits,
+    )
 
 
-def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, out_dir: Path,
-                            splits: Sequence[str], model_dir: Path | None = None, engine=None,
-                            weights: str | None = None,
-                            example_ids: Mapping[str, Sequence[int] | np.ndarray] | None = None,
-                            extra_inputs: Mapping | None = None, shard_size: int = 2048) -> Path:
+def compute_reference_logps(
+    config: DPOPipelineConfig,
+    *,
+    tokenized_dir: Path,
+    out_dir: Path,
+    splits: Sequence[str],
+    model_dir: Path | None = None,
+    engine=None,
+    weights: str | None = None,
+    example_ids: Mapping[str, Sequence[int] | np.ndarray] | None = None,
+    extra_inputs: Mapping | None = None,
+    shard_size: int = 2048,
+) -> Path:
     """Score ``splits`` of ``tokenized_dir`` (all examples, or the unique ``example_ids`` given per split) into
     ``out_dir``, with the model in ``model_dir`` (an inference engine loaded here), or with a live ``engine``
     whose weights are identified by ``weights`` (TR-DPO's reference versions inside the training job: the
@@ -99,8 +112,14 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, o
     if unknown or len(set(splits)) != len(splits):
         raise ConfigError(f"reference splits must be distinct names among {', '.join(SPLITS)}; got {list(splits)}")
     tokenized = tokenized_manifest(tokenized_dir)  # kind, schema and Parquet hashes checked
-    inputs = reference_inputs(tokenized_fingerprint=tokenized["fingerprint"], weights_hash=weights,
-                     dtype=dtype_name(config), splits=splits, example_ids=example_ids, extra_inputs=extra_inputs)
+    inputs = reference_inputs(
+        tokenized_fingerprint=tokenized["fingerprint"],
+        weights_hash=weights,
+        dtype=dtype_name(config),
+        splits=splits,
+        example_ids=example_ids,
+        extra_inputs=extra_inputs,
+    )
     fp = expected_fingerprint(KIND, SCHEMA_VERSION, inputs)
     init_distributed(config)
     check_ranks_agree(config, what={"reference": fp})
@@ -126,36 +145,59 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, o
     todo = [shard for shard in plan if shard.name not in reused]
     if is_main_process():
         (out_dir / MANIFEST).unlink(missing_ok=True)  # an old manifest must not vouch for files that change now
-        for stale in out_dir.glob(".tmp-*"):          # left by a killed writer; never read
+        for stale in out_dir.glob(".tmp-*"):  # left by a killed writer; never read
             stale.unlink()
     stats = _Stats()
     if todo:
         if is_main_process():
-            log.info("reference pass: %d of %d shards to compute (%d kept from an earlier run)", len(todo),
-                     len(plan), len(reused))
+            log.info(
+                "reference pass: %d of %d shards to compute (%d kept from an earlier run)",
+                len(todo),
+                len(plan),
+                len(reused),
+            )
         pad = int(tokenized["pad_token_id"])
         if engine is not None:
-            _score_shards(engine, _reference_batch_size(config), tables, todo, out_dir, fp, pad_token_id=pad,
-                          stats=stats)
+            _score_shards(
+                engine, _reference_batch_size(config), tables, todo, out_dir, fp, pad_token_id=pad, stats=stats
+            )
         else:
             assert model_dir is not None  # checked above: without an engine, model_dir is required
             loaded = _load_engine(config, model_dir)
             try:
-                _score_shards(loaded, int(loaded.train_micro_batch_size_per_gpu()), tables, todo, out_dir, fp,
-                              pad_token_id=pad, stats=stats)
+                _score_shards(
+                    loaded,
+                    int(loaded.train_micro_batch_size_per_gpu()),
+                    tables,
+                    todo,
+                    out_dir,
+                    fp,
+                    pad_token_id=pad,
+                    stats=stats,
+                )
             finally:
                 loaded.destroy()
     if is_main_process():
         rows = {split: int(table.num_rows) for split, table in tables.items()}
         write_manifest(
-            out_dir, kind=KIND, schema_version=SCHEMA_VERSION, inputs=inputs, files=[s.name for s in plan],
-            counts={"examples": sum(rows.values()), "examples_by_split": rows,
-                    "tokens": sum(_sequence_tokens(table) for table in tables.values()),
-                    "forwards": stats.forwards, "seconds": round(stats.seconds, 3),
-                    "tokens_per_s": round(stats.tokens / stats.seconds, 1) if stats.seconds else None,
-                    "shards": len(plan), "reused_shards": len(reused)},
+            out_dir,
+            kind=KIND,
+            schema_version=SCHEMA_VERSION,
+            inputs=inputs,
+            files=[s.name for s in plan],
+            counts={
+                "examples": sum(rows.values()),
+                "examples_by_split": rows,
+                "tokens": sum(_sequence_tokens(table) for table in tables.values()),
+                "forwards": stats.forwards,
+                "seconds": round(stats.seconds, 3),
+                "tokens_per_s": round(stats.tokens / stats.seconds, 1) if stats.seconds else None,
+                "shards": len(plan),
+                "reused_shards": len(reused),
+            },
             shards={split: [s.name for s in plan if s.split == split] for split in splits},
-            tokenized_dir=str(tokenized_dir), model_path=str(model_dir) if model_dir else None,
+            tokenized_dir=str(tokenized_dir),
+            model_path=str(model_dir) if model_dir else None,
             world_size=world_size(),
         )
         log.info("reference artifact written to %s", out_dir)
@@ -163,24 +205,28 @@ def compute_reference_logps(config: DPOPipelineConfig, *, tokenized_dir: Path, o
     return out_dir
 
 
-
 # ---------------------------------------------------------------------------------------------- inputs
 def _select(tokenized_dir: Path, split: str, ids: Sequence[int] | np.ndarray | None) -> pa.Table:
     """The split's rows in example_id order, restricted to ``ids`` when given (unique, all present)."""
-    table = load_tokenized(tokenized_dir, split).select(["example_id", *_TOKEN_COLUMNS, "prompt_length",
-                                                              "chosen_length", "rejected_length"])
+    table = load_tokenized(tokenized_dir, split).select(
+        ["example_id", *_TOKEN_COLUMNS, "prompt_length", "chosen_length", "rejected_length"]
+    )
     all_ids = table.column("example_id").to_numpy()  # strictly increasing: load_tokenized checks it
     if ids is None:
         return table
     wanted = np.asarray(list(ids), dtype=np.int64)
     values, counts = np.unique(wanted, return_counts=True)
     if np.any(counts > 1):
-        raise DataError(f"reference pass over {split}: example_ids must be unique; repeated: "
-                        f"{values[counts > 1][:NAMED_IDS].tolist()}")
+        raise DataError(
+            f"reference pass over {split}: example_ids must be unique; repeated: "
+            f"{values[counts > 1][:NAMED_IDS].tolist()}"
+        )
     missing = np.setdiff1d(values, all_ids)
     if missing.size:
-        raise DataError(f"reference pass over {split}: {missing.size} example_ids are not in the tokenized "
-                        f"artifact at {tokenized_dir}, e.g. {missing[:NAMED_IDS].tolist()}")
+        raise DataError(
+            f"reference pass over {split}: {missing.size} example_ids are not in the tokenized "
+            f"artifact at {tokenized_dir}, e.g. {missing[:NAMED_IDS].tolist()}"
+        )
     return table.take(pa.array(np.searchsorted(all_ids, values)))
 
 
@@ -209,21 +255,22 @@ def _check_vocabulary(tokenized_dir: Path, tables: Mapping[str, pa.Table], vocab
             raise DataError(
                 f"tokenized artifact at {tokenized_dir}, split {split}, example_id "
                 f"{table.column('example_id')[row].as_py()}: {column} holds token id {token}, outside the reference "
-                f"model's vocabulary of {vocab_size}; the data was tokenized with another tokenizer")
+                f"model's vocabulary of {vocab_size}; the data was tokenized with another tokenizer"
+            )
 
 
 def _sequence_tokens(table: pa.Table) -> int:
     """Real (non-pad) tokens the model reads for these pairs: the prompt twice, plus both completions."""
     return int(pc.sum(table.column("prompt_length")).as_py() or 0) * 2 + sum(
-        int(pc.sum(table.column(name)).as_py() or 0) for name in ("chosen_length", "rejected_length"))
-
+        int(pc.sum(table.column(name)).as_py() or 0) for name in ("chosen_length", "rejected_length")
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model work
 @dataclass
 class _Stats:
-    forwards: int = 0     # forward calls, all ranks, padding repeats included
-    tokens: int = 0       # real tokens scored in this run (all ranks)
+    forwards: int = 0  # forward calls, all ranks, padding repeats included
+    tokens: int = 0  # real tokens scored in this run (all ranks)
     seconds: float = 0.0  # wall time of the model work in this run
 
 
@@ -236,8 +283,9 @@ def _inference_ds_config(config: DPOPipelineConfig, model_dir: Path) -> dict[str
         stage = 0 if _fits_one_device(config, model_dir) else 3
     if stage == 3 and zero_stage(user_ds_config(config)) != 3:
         config = config.model_copy(update={"deepspeed": str(DEFAULT_DS_CONFIG), "accelerate_config": None})
-    ds = resolve_ds_config(config, world=world_size(), gpu=on_gpu(), hidden_size=model_hidden_size(model_dir),
-                           inference=True)
+    ds = resolve_ds_config(
+        config, world=world_size(), gpu=on_gpu(), hidden_size=model_hidden_size(model_dir), inference=True
+    )
     if stage == 0:
         # Replicated weights. (ZeRO-1/2 partition only optimizer state and gradients, which a forward pass does
         # not have, and DeepSpeed asserts an optimizer for them.)
@@ -286,8 +334,9 @@ def _load_engine(config: DPOPipelineConfig, model_dir: Path):
     # Alive during from_pretrained: transformers then loads each weight straight into its ZeRO-3 partition.
     zero3_loading = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if config.bf16 else torch.float32,
-                                                     **model_kwargs(config))
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16 if config.bf16 else torch.float32, **model_kwargs(config)
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the reference model from {model_dir}: {exc}") from None
     engine, *_ = deepspeed.initialize(model=model, config=ds)
@@ -301,21 +350,32 @@ def _batches(table: pa.Table, batch_size: int) -> list[np.ndarray]:
     prompt = table.column("prompt_length").to_numpy()
     longest = prompt + np.maximum(table.column("chosen_length").to_numpy(), table.column("rejected_length").to_numpy())
     order = np.lexsort((table.column("example_id").to_numpy(), -longest))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _reference_batch_size(config: DPOPipelineConfig) -> int:
     return config.precompute_ref_batch_size or config.per_device_eval_batch_size
 
 
-def _score_shards(engine, batch_size: int, tables: Mapping[str, pa.Table], todo: Sequence[Shard], out_dir: Path,
-                  fp: str, *, pad_token_id: int, stats: _Stats) -> None:
+def _score_shards(
+    engine,
+    batch_size: int,
+    tables: Mapping[str, pa.Table],
+    todo: Sequence[Shard],
+    out_dir: Path,
+    fp: str,
+    *,
+    pad_token_id: int,
+    stats: _Stats,
+) -> None:
     me, world = rank(), world_size()
     rows_of = {split: table.column("example_id").to_numpy() for split, table in tables.items()}
-    total = sum(_sequence_tokens(tables[s.split].take(pa.array(np.searchsorted(rows_of[s.split], s.example_ids))))
-                for s in todo)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="reference", disable=not is_main_process(),
-               dynamic_ncols=True)
+    total = sum(
+        _sequence_tokens(tables[s.split].take(pa.array(np.searchsorted(rows_of[s.split], s.example_ids)))) for s in todo
+    )
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, desc="reference", disable=not is_main_process(), dynamic_ncols=True
+    )
     start = time.perf_counter()
     try:
         for shard in todo:
@@ -352,16 +412,24 @@ def _score_batch(engine, table: pa.Table, indices: np.ndarray, pad_token_id: int
     chosen, rejected = (t.cpu().numpy() for t in out.halves("logps"))
     chosen_public, rejected_public = (t.cpu().numpy() for t in out.halves("public_logps"))
     chosen_len, rejected_len = (t.cpu().numpy().astype(np.int32) for t in out.halves("lengths"))
-    return {"example_id": batch.example_ids.cpu().numpy(), "ref_chosen_logps": chosen,
-            "ref_rejected_logps": rejected, "ref_chosen_public_logps": chosen_public,
-            "ref_rejected_public_logps": rejected_public, "chosen_length": chosen_len,
-            "rejected_length": rejected_len, "tokens": batch.num_tokens}
+    return {
+        "example_id": batch.example_ids.cpu().numpy(),
+        "ref_chosen_logps": chosen,
+        "ref_rejected_logps": rejected,
+        "ref_chosen_public_logps": chosen_public,
+        "ref_rejected_public_logps": rejected_public,
+        "chosen_length": chosen_len,
+        "rejected_length": rejected_len,
+        "tokens": batch.num_tokens,
+    }
 
 
 def _concat(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {name: np.concatenate([r[name] for r in results]) if results
-                              else np.empty(0, dtype=SCHEMA.field(name).type.to_pandas_dtype())
-                              for name in SCHEMA.names}
+    merged: dict[str, Any] = {
+        name: np.concatenate([r[name] for r in results])
+        if results
+        else np.empty(0, dtype=SCHEMA.field(name).type.to_pandas_dtype())
+        for name in SCHEMA.names
+    }
     merged["tokens"] = sum(r["tokens"] for r in results)
     return merged
-

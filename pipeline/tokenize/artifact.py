@@ -33,22 +33,34 @@ KIND = "tokenized"
 SPLIT_FILES = {"train": "train.parquet", "eval": "eval.parquet"}
 # The config fields the artifact depends on (the model through its tokenizer's files, the dataset through its
 # bytes): what :func:`tokenized_inputs` reads. Later artifacts see them through the tokenized fingerprint.
-TOKENIZE_FIELDS = frozenset({"model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split",
-                             "dataset_test_split", "dataset_mixture", "dataset_columns", *TRUNCATION_FIELDS})
+TOKENIZE_FIELDS = frozenset(
+    {
+        "model_name_or_path",
+        "dataset_name",
+        "dataset_config",
+        "dataset_train_split",
+        "dataset_test_split",
+        "dataset_mixture",
+        "dataset_columns",
+        *TRUNCATION_FIELDS,
+    }
+)
 
 _IDS = pa.list_(pa.int32())
-SCHEMA = pa.schema([
-    pa.field("example_id", pa.int64(), nullable=False),
-    pa.field("prompt_input_ids", _IDS, nullable=False),
-    pa.field("chosen_input_ids", _IDS, nullable=False),
-    pa.field("rejected_input_ids", _IDS, nullable=False),
-    pa.field("prompt_length", pa.int32(), nullable=False),
-    pa.field("chosen_length", pa.int32(), nullable=False),
-    pa.field("rejected_length", pa.int32(), nullable=False),
-    pa.field("prompt_truncated", pa.bool_(), nullable=False),
-    pa.field("chosen_truncated", pa.bool_(), nullable=False),
-    pa.field("rejected_truncated", pa.bool_(), nullable=False),
-])
+SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.int64(), nullable=False),
+        pa.field("prompt_input_ids", _IDS, nullable=False),
+        pa.field("chosen_input_ids", _IDS, nullable=False),
+        pa.field("rejected_input_ids", _IDS, nullable=False),
+        pa.field("prompt_length", pa.int32(), nullable=False),
+        pa.field("chosen_length", pa.int32(), nullable=False),
+        pa.field("rejected_length", pa.int32(), nullable=False),
+        pa.field("prompt_truncated", pa.bool_(), nullable=False),
+        pa.field("chosen_truncated", pa.bool_(), nullable=False),
+        pa.field("rejected_truncated", pa.bool_(), nullable=False),
+    ]
+)
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
@@ -56,10 +68,15 @@ def tokenized_inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[s
     """Every input of the tokenized artifact's fingerprint, in one place."""
     # The dataset options enter only when set, so that a config without them keeps its fingerprint (and reuses
     # its artifact). A mixture's datasets enter by content ("dataset"), its settings here.
-    options = {name: value for name, value in (
-        ("dataset_config", config.dataset_config), ("dataset_columns", config.dataset_columns or None),
-        ("dataset_mixture", config.dataset_mixture and mixture_settings(config.dataset_mixture)),
-    ) if value is not None}
+    options = {
+        name: value
+        for name, value in (
+            ("dataset_config", config.dataset_config),
+            ("dataset_columns", config.dataset_columns or None),
+            ("dataset_mixture", config.dataset_mixture and mixture_settings(config.dataset_mixture)),
+        )
+        if value is not None
+    }
     return {
         **options,
         "dataset": {role: sources[role].content_hash() if role in sources else None for role in SPLIT_FILES},
@@ -71,26 +88,33 @@ def tokenized_inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[s
     }
 
 
-def tokenized_fingerprint(config: DPOPipelineConfig, *, model_dir: Path | None = None,
-                          sources: dict[str, SplitSource] | None = None) -> str:
+def tokenized_fingerprint(
+    config: DPOPipelineConfig, *, model_dir: Path | None = None, sources: dict[str, SplitSource] | None = None
+) -> str:
     """The fingerprint of the artifact ``config`` gives, computed from the inputs alone (no tokenizing)."""
-    return expected_fingerprint(KIND, SCHEMA_VERSION, tokenized_inputs(
-        config, model_dir or resolve_model_dir(config), sources or resolve_sources(config)))
+    return expected_fingerprint(
+        KIND,
+        SCHEMA_VERSION,
+        tokenized_inputs(config, model_dir or resolve_model_dir(config), sources or resolve_sources(config)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- reading
 def require_tokenized(artifact_dir: Path) -> None:
     """A stage that reads the tokenized artifact refuses to start without one, naming the command that makes it."""
     if not (Path(artifact_dir) / MANIFEST).is_file():
-        raise ArtifactError(f"no tokenized artifact for this config at {artifact_dir}: run the tokenize stage first "
-                            f"(dpo-pipeline tokenize --config ...; `dpo-pipeline run` runs every stage)")
+        raise ArtifactError(
+            f"no tokenized artifact for this config at {artifact_dir}: run the tokenize stage first "
+            f"(dpo-pipeline tokenize --config ...; `dpo-pipeline run` runs every stage)"
+        )
 
 
 def tokenized_manifest(artifact_dir: Path, fingerprint: str | None = None, *, verify_files: bool = True) -> dict:
     """The verified manifest of a tokenized artifact (kind, schema and file hashes checked; with ``fingerprint``,
     its identity too: a foreign artifact with a manifest of its own is refused)."""
-    return read_manifest(artifact_dir, kind=KIND, schema_version=SCHEMA_VERSION, fingerprint=fingerprint,
-                         verify_files=verify_files)
+    return read_manifest(
+        artifact_dir, kind=KIND, schema_version=SCHEMA_VERSION, fingerprint=fingerprint, verify_files=verify_files
+    )
 
 
 def load_tokenized(artifact_dir: Path, split: str) -> pa.Table:
@@ -99,10 +123,14 @@ def load_tokenized(artifact_dir: Path, split: str) -> pa.Table:
         raise ArtifactError(f"tokenized artifacts have splits {', '.join(SPLIT_FILES)}, not '{split}'")
     manifest = tokenized_manifest(artifact_dir)
     if SPLIT_FILES[split] not in manifest["files"]:
-        raise ArtifactError(f"tokenized artifact at {artifact_dir} has no {split} split (the dataset had no "
-                            f"test split, or dataset_test_split is null)")
+        raise ArtifactError(
+            f"tokenized artifact at {artifact_dir} has no {split} split (the dataset had no "
+            f"test split, or dataset_test_split is null)"
+        )
     table = read_parquet(Path(artifact_dir) / SPLIT_FILES[split])
-    strictly_increasing(table.column("example_id").to_numpy(), f"tokenized artifact at {artifact_dir}, split {split}",
-                        fix="rebuild it with the tokenize stage")
+    strictly_increasing(
+        table.column("example_id").to_numpy(),
+        f"tokenized artifact at {artifact_dir}, split {split}",
+        fix="rebuild it with the tokenize stage",
+    )
     return table
-

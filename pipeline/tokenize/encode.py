@@ -26,11 +26,15 @@ class Encoder:
         self.chat = fmt in CHAT_LAYOUTS
         if self.chat and not tokenizer.chat_template:
             if fmt == "standard_system":
-                raise DataError(f"{label}: dataset_columns maps a column to 'system', and a system turn needs the "
-                                f"chat template, but the tokenizer in {model_dir} has no chat template (layout: "
-                                f"{LAYOUTS[fmt]}; use a model whose tokenizer has one, or drop the system mapping)")
-            raise DataError(f"{label}: the rows are message lists, but the tokenizer in {model_dir} has no chat "
-                            f"template to render them (layout: {LAYOUTS[fmt]}; use a model whose tokenizer has one)")
+                raise DataError(
+                    f"{label}: dataset_columns maps a column to 'system', and a system turn needs the "
+                    f"chat template, but the tokenizer in {model_dir} has no chat template (layout: "
+                    f"{LAYOUTS[fmt]}; use a model whose tokenizer has one, or drop the system mapping)"
+                )
+            raise DataError(
+                f"{label}: the rows are message lists, but the tokenizer in {model_dir} has no chat "
+                f"template to render them (layout: {LAYOUTS[fmt]}; use a model whose tokenizer has one)"
+            )
         self.tokenizer = tokenizer
 
     def _ids(self, texts: list[str], special: bool) -> list[list[int]]:
@@ -54,18 +58,24 @@ class Encoder:
         for name, messages in (("chosen", chosen), ("rejected", rejected)):
             full = self._render(prompt + messages, where)
             if not full.startswith(prompt_text):
-                raise DataError(f"{where}: field '{name}': the chat template renders prompt + {name} without the "
-                                f"rendered prompt as its prefix, so the completion cannot be split off")
-            completions.append(full[len(prompt_text):])
+                raise DataError(
+                    f"{where}: field '{name}': the chat template renders prompt + {name} without the "
+                    f"rendered prompt as its prefix, so the completion cannot be split off"
+                )
+            completions.append(full[len(prompt_text) :])
         chosen_text, rejected_text = completions
         return prompt_text, chosen_text, rejected_text
 
     def encode(self, pairs: Sequence[tuple[Any, Any, Any]], wheres: Sequence[str]) -> list[dict[str, list[int]]]:
         """Token ids of a batch of (prompt, chosen, rejected): batched, as the tokenizer is several times
         faster on lists than row by row."""
-        texts = ([self._render_pair(*pair, where) for pair, where in zip(pairs, wheres, strict=True)]
-                 if self.chat else pairs)
+        texts = (
+            [self._render_pair(*pair, where) for pair, where in zip(pairs, wheres, strict=True)] if self.chat else pairs
+        )
         prompts, chosen, rejected = (list(column) for column in zip(*texts, strict=True))
-        return [{"prompt": p, "chosen": self._with_eos(c), "rejected": self._with_eos(r)} for p, c, r in zip(
-            self._ids(prompts, not self.chat), self._ids(chosen, False), self._ids(rejected, False), strict=True)]
-
+        return [
+            {"prompt": p, "chosen": self._with_eos(c), "rejected": self._with_eos(r)}
+            for p, c, r in zip(
+                self._ids(prompts, not self.chat), self._ids(chosen, False), self._ids(rejected, False), strict=True
+            )
+        ]

@@ -34,7 +34,7 @@ LAYOUTS = {
     "conversational": "conversational (prompt, chosen, rejected message lists)",
     "implicit_prompt": "implicit prompt (chosen, rejected message lists, no prompt)",
     "implicit_prompt_checked": "implicit prompt checked against a prompt string (chosen, rejected message lists "
-                               "that repeat the string prompt)",
+    "that repeat the string prompt)",
     "implicit_prompt_text": "implicit prompt in transcript strings (chosen, rejected strings, no prompt)",
 }
 # The layouts rendered with the chat template; the others are plain text.
@@ -42,10 +42,10 @@ CHAT_LAYOUTS = frozenset({"standard_system", "conversational", "implicit_prompt"
 _TEXT_START = 40  # characters of a text quoted in an error
 # Why a well-formed row is skipped, in the order the checks run (a row counts once, under the first).
 SKIP_REASONS = (
-    "empty_prompt",                # prompt blank after strip; implicit prompt: the conversations share no message
-    "empty_completion",            # chosen or rejected blank after strip
-    "identical_completions",       # chosen == rejected: no preference to learn
-    "prompt_exceeds_max_length",   # the prompt leaves no room for a completion token within max_length
+    "empty_prompt",  # prompt blank after strip; implicit prompt: the conversations share no message
+    "empty_completion",  # chosen or rejected blank after strip
+    "identical_completions",  # chosen == rejected: no preference to learn
+    "prompt_exceeds_max_length",  # the prompt leaves no room for a completion token within max_length
     "identical_after_truncation",  # truncation cut away everything that told chosen and rejected apart
 )
 
@@ -58,13 +58,17 @@ def check_columns(mapping: Mapping[str, str] | None, columns: list[str], label: 
     by_role: dict[str, str] = {}
     for column, role in mapping.items():
         if role in by_role:
-            raise ConfigError(f"dataset_columns: columns '{by_role[role]}' and '{column}' both map to '{role}'; "
-                              f"map one column per role")
+            raise ConfigError(
+                f"dataset_columns: columns '{by_role[role]}' and '{column}' both map to '{role}'; "
+                f"map one column per role"
+            )
         by_role[role] = column
     for column in mapping:
         if column not in columns:
-            raise DataError(f"{label}: dataset_columns maps column '{column}', which this split does not have; its "
-                            f"columns: {', '.join(columns) or 'none'} (fix the name in dataset_columns)")
+            raise DataError(
+                f"{label}: dataset_columns maps column '{column}', which this split does not have; its "
+                f"columns: {', '.join(columns) or 'none'} (fix the name in dataset_columns)"
+            )
 
 
 def rename(row: dict, mapping: Mapping[str, str]) -> dict:
@@ -86,9 +90,11 @@ def detect_format(row: dict, where: str, *, system: bool = False) -> str:
         elif isinstance(chosen, str):
             fmt = "implicit_prompt_text"
         else:
-            raise DataError(f"{where}: no known layout: the row has no 'prompt' and no 'chosen' string or message "
-                            f"list (its columns: {', '.join(row) or 'none'}); map your columns with "
-                            f"dataset_columns, e.g. {{question: prompt, answer_good: chosen, answer_bad: rejected}}")
+            raise DataError(
+                f"{where}: no known layout: the row has no 'prompt' and no 'chosen' string or message "
+                f"list (its columns: {', '.join(row) or 'none'}); map your columns with "
+                f"dataset_columns, e.g. {{question: prompt, answer_good: chosen, answer_bad: rejected}}"
+            )
     elif isinstance(prompt, list):
         fmt = "conversational"
     elif isinstance(chosen, list):
@@ -96,9 +102,11 @@ def detect_format(row: dict, where: str, *, system: bool = False) -> str:
     else:
         fmt = "standard_system" if system else "standard"
     if system and fmt != "standard_system":
-        raise DataError(f"{where}: dataset_columns maps a column to 'system', which only a string prompt with string "
-                        f"completions can use (layout: {LAYOUTS[fmt]}, detected from the split's first row; "
-                        f"remove the system mapping, or map a string column to prompt)")
+        raise DataError(
+            f"{where}: dataset_columns maps a column to 'system', which only a string prompt with string "
+            f"completions can use (layout: {LAYOUTS[fmt]}, detected from the split's first row; "
+            f"remove the system mapping, or map a string column to prompt)"
+        )
     return fmt
 
 
@@ -109,27 +117,50 @@ def _error(where: str, problem: str, fmt: str, fix: str) -> DataError:
 def _text_field(row: dict, name: str, where: str, fmt: str) -> str:
     value = row.get(name)
     if value is None:
-        raise _error(where, f"missing field '{name}'", fmt,
-                     f"every row needs '{name}'; name its column with dataset_columns: {{<column>: {name}}}")
+        raise _error(
+            where,
+            f"missing field '{name}'",
+            fmt,
+            f"every row needs '{name}'; name its column with dataset_columns: {{<column>: {name}}}",
+        )
     if not isinstance(value, str):
-        raise _error(where, f"field '{name}' must be a string, got {type(value).__name__}", fmt,
-                     "every row needs the layout of the first row")
+        raise _error(
+            where,
+            f"field '{name}' must be a string, got {type(value).__name__}",
+            fmt,
+            "every row needs the layout of the first row",
+        )
     return value
 
 
 def _messages_field(row: dict, name: str, where: str, fmt: str) -> list[dict]:
     value = row.get(name)
     if value is None:
-        raise _error(where, f"missing field '{name}'", fmt,
-                     f"every row needs '{name}'; name its column with dataset_columns: {{<column>: {name}}}")
+        raise _error(
+            where,
+            f"missing field '{name}'",
+            fmt,
+            f"every row needs '{name}'; name its column with dataset_columns: {{<column>: {name}}}",
+        )
     if not isinstance(value, list):
-        raise _error(where, f"field '{name}' must be a list of {{role, content}} messages, got "
-                            f"{type(value).__name__}", fmt, "every row needs the layout of the first row")
+        raise _error(
+            where,
+            f"field '{name}' must be a list of {{role, content}} messages, got {type(value).__name__}",
+            fmt,
+            "every row needs the layout of the first row",
+        )
     for i, message in enumerate(value):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise _error(where, f"field '{name}' message {i} must be {{role: str, content: str}}, got "
-                                f"{str(message)[:80]}", fmt, "fix the message")
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise _error(
+                where,
+                f"field '{name}' message {i} must be {{role: str, content: str}}, got {str(message)[:80]}",
+                fmt,
+                "fix the message",
+            )
     return value
 
 
@@ -172,13 +203,21 @@ def _checked_prompt(row: dict, shared: list[dict], where: str, fmt: str) -> None
     prompt = _text_field(row, "prompt", where, fmt)
     turns = [message["content"] for message in shared if message["role"] == "user"]
     if not turns:
-        raise _error(where, "the conversations' shared turns hold no user turn to check field 'prompt' against", fmt,
-                     "fix the row, or leave the prompt column out (e.g. dataset_mixture columns: [chosen, rejected])")
+        raise _error(
+            where,
+            "the conversations' shared turns hold no user turn to check field 'prompt' against",
+            fmt,
+            "fix the row, or leave the prompt column out (e.g. dataset_mixture columns: [chosen, rejected])",
+        )
     if turns[-1].strip() != prompt.strip():
-        raise _error(where, f"the conversations' last shared user turn does not match field 'prompt': the turn "
-                            f"starts {turns[-1].strip()[:_TEXT_START]!r}, the prompt starts "
-                            f"{prompt.strip()[:_TEXT_START]!r}", fmt,
-                     "fix the row, or leave the prompt column out (e.g. dataset_mixture columns: [chosen, rejected])")
+        raise _error(
+            where,
+            f"the conversations' last shared user turn does not match field 'prompt': the turn "
+            f"starts {turns[-1].strip()[:_TEXT_START]!r}, the prompt starts "
+            f"{prompt.strip()[:_TEXT_START]!r}",
+            fmt,
+            "fix the row, or leave the prompt column out (e.g. dataset_mixture columns: [chosen, rejected])",
+        )
 
 
 def extract(row: dict, fmt: str, where: str) -> tuple[Any, Any, Any]:
@@ -190,12 +229,19 @@ def extract(row: dict, fmt: str, where: str) -> tuple[Any, Any, Any]:
         prompt, chosen, rejected = (_text_field(row, name, where, fmt) for name in FIELDS)
         system = row.get("system")
         if system is not None and not isinstance(system, str):
-            raise _error(where, f"field 'system' must be a string, got {type(system).__name__}", fmt,
-                         "every row needs the layout of the first row")
+            raise _error(
+                where,
+                f"field 'system' must be a string, got {type(system).__name__}",
+                fmt,
+                "every row needs the layout of the first row",
+            )
         # An empty system string (Intel/orca_dpo_pairs has many) is no system turn, not an empty one.
         turns = [{"role": "system", "content": system}] if system and system.strip() else []
-        return (turns + [{"role": "user", "content": prompt}], [{"role": "assistant", "content": chosen}],
-                [{"role": "assistant", "content": rejected}])
+        return (
+            turns + [{"role": "user", "content": prompt}],
+            [{"role": "assistant", "content": chosen}],
+            [{"role": "assistant", "content": rejected}],
+        )
     if fmt == "conversational":
         prompt_turns, chosen_turns, rejected_turns = (_messages_field(row, name, where, fmt) for name in FIELDS)
         return prompt_turns, chosen_turns, rejected_turns

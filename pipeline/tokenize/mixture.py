@@ -30,8 +30,10 @@ def check_settings(mixture: DatasetMixture) -> None:
         raise ConfigError("dataset_mixture.datasets: name at least one dataset")
     for i, entry in enumerate(mixture.datasets):
         if not 0.0 < entry.weight <= 1.0:
-            raise ConfigError(f"dataset_mixture.datasets[{i}].weight: the fraction of '{entry.id}' kept must be in "
-                              f"(0, 1], got {entry.weight}")
+            raise ConfigError(
+                f"dataset_mixture.datasets[{i}].weight: the fraction of '{entry.id}' kept must be in "
+                f"(0, 1], got {entry.weight}"
+            )
     size = mixture.test_split_size
     if size is not None and (size <= 0 or (size >= 1 and size != int(size))):
         raise ConfigError(f"dataset_mixture.test_split_size: a row count (>= 1) or a fraction in (0, 1), got {size}")
@@ -41,18 +43,21 @@ def settings(mixture: DatasetMixture) -> dict[str, Any]:
     """What the tokenized fingerprint takes from the mixture besides the datasets' content: each dataset's
     config, split, columns and weight (its ``id`` enters through the content hash, so that a local path enters
     by content, not by spelling), the seed and the held-out size."""
-    return {"datasets": [entry.model_dump(exclude={"id"}) for entry in mixture.datasets], "seed": mixture.seed,
-            "test_split_size": mixture.test_split_size}
+    return {
+        "datasets": [entry.model_dump(exclude={"id"}) for entry in mixture.datasets],
+        "seed": mixture.seed,
+        "test_split_size": mixture.test_split_size,
+    }
 
 
 @dataclass(frozen=True)
 class Mixture:
     """The row counts and settings that decide the mixture; :meth:`ids` says where each row goes."""
 
-    counts: tuple[int, ...]     # rows of each dataset, in the order of dataset_mixture.datasets
+    counts: tuple[int, ...]  # rows of each dataset, in the order of dataset_mixture.datasets
     weights: tuple[float, ...]
     seed: int
-    test_rows: int              # rows held out as the eval split (0: no eval split)
+    test_rows: int  # rows held out as the eval split (0: no eval split)
 
     @classmethod
     def of(cls, mixture: DatasetMixture, counts: list[int]) -> Mixture:
@@ -64,8 +69,10 @@ class Mixture:
         # datasets' train_test_split: a fraction holds out ceil(fraction * rows), a count that many rows.
         test = 0 if size is None else ceil(size * total) if size < 1 else int(size)
         if test >= total:
-            raise DataError(f"dataset_mixture.test_split_size: {size} holds out {test} of the mixture's {total} rows, "
-                            f"leaving none to train on; hold out fewer")
+            raise DataError(
+                f"dataset_mixture.test_split_size: {size} holds out {test} of the mixture's {total} rows, "
+                f"leaving none to train on; hold out fewer"
+            )
         return cls(tuple(counts), weights, mixture.seed, test)
 
     @property
@@ -81,7 +88,7 @@ class Mixture:
     def ids(self, role: str) -> list[np.ndarray]:
         """Per dataset, for each of its rows in its own order: the example_id it has in the ``role`` split
         ("train" or "eval"), or -1 when it is not in that split."""
-        picked = [self._permutation(n)[:kept_rows(n, w)] for n, w in zip(self.counts, self.weights, strict=True)]
+        picked = [self._permutation(n)[: kept_rows(n, w)] for n, w in zip(self.counts, self.weights, strict=True)]
         total, test = self.total, self.test_rows
         # Position in train ++ eval of each row of the shuffled mixture (train_test_split's test rows come first
         # in its permutation, its train rows after them).
@@ -97,7 +104,7 @@ class Mixture:
         low, high = (0, total - test) if role == "train" else (total - test, total)
         result, offset = [], 0
         for n, rows in zip(self.counts, picked, strict=True):
-            slots = slot_of_concatenated[offset:offset + len(rows)]
+            slots = slot_of_concatenated[offset : offset + len(rows)]
             offset += len(rows)
             ids = np.full(n, -1, dtype=np.int64)
             inside = (slots >= low) & (slots < high)

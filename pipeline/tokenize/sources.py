@@ -37,13 +37,22 @@ from pipeline.tokenize.mixture import Mixture, check_settings
 log = logging.getLogger(__name__)
 
 # The data files read, by name ending (gzipped JSON as Anthropic/hh-rlhf ships it), and the reader each needs.
-DATA_SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".json.gz": "json",
-                 ".parquet": "parquet", ".arrow": "ipc"}
+DATA_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+    ".arrow": "ipc",
+}
 _LONGEST_FIRST = sorted(DATA_SUFFIXES, key=len, reverse=True)  # ".jsonl.gz" before ".gz"-less ".jsonl"
 # datasets' names of the three standard splits in file and directory names (data_files.SPLIT_KEYWORDS), the
 # characters that may surround them, and the metadata files that are never data.
-SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
-                  "test": ("test", "testing", "eval", "evaluation")}
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 _SEP = "[-._ 0-9]"
 _NOT_DATA = {"config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
 _SHARD = re.compile(r"data/(?P<split>[^/]+?)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*")
@@ -53,14 +62,14 @@ _SHARD = re.compile(r"data/(?P<split>[^/]+?)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*")
 class SplitSource:
     """Where one split's rows come from."""
 
-    role: str                # "train" or "eval": the artifact file it feeds
-    split: str               # the split's name in the dataset
-    label: str               # how messages name it: a file path, or "<dir> [split]"
+    role: str  # "train" or "eval": the artifact file it feeds
+    split: str  # the split's name in the dataset
+    label: str  # how messages name it: a file path, or "<dir> [split]"
     # "jsonl", "json", "parquet", "ipc" (Arrow IPC files), "arrow" (a datasets.Dataset: save_to_disk or the Hub)
     # or "mixture" (rows of ``members``, placed by ``mixture``)
     kind: str
     files: tuple[Path, ...]  # the files its content hash covers, in reading order
-    dataset: Any = None      # an already loaded datasets.Dataset (Hub datasets); else read from the files
+    dataset: Any = None  # an already loaded datasets.Dataset (Hub datasets); else read from the files
     members: tuple[tuple[SplitSource, tuple[str, ...] | None], ...] = ()  # mixture: (source, columns kept)
     mixture: Mixture | None = None
 
@@ -98,8 +107,10 @@ def _files_source(files: list[Path], role: str, split: str, label: str) -> Split
 
 def _file_source(path: Path, role: str, split: str) -> SplitSource:
     if _suffix(path) is None:
-        raise DataError(f"dataset_name: unsupported file extension '{path.suffix}' of {path} (use .jsonl, .json, "
-                        f".parquet or .arrow, a directory of such files, or a datasets directory)")
+        raise DataError(
+            f"dataset_name: unsupported file extension '{path.suffix}' of {path} (use .jsonl, .json, "
+            f".parquet or .arrow, a directory of such files, or a datasets directory)"
+        )
     return _files_source([path], role, split, str(path))
 
 
@@ -113,16 +124,23 @@ def _saved_split_source(split_dir: Path, role: str, split: str, label: str) -> S
 
 def _is_data_file(relative: Path) -> bool:
     # datasets skips hidden and __dunder__ paths and its metadata files; only the formats read here count.
-    return (not any(part.startswith((".", "__")) for part in relative.parts) and relative.name not in _NOT_DATA
-            and _suffix(relative) is not None)
+    return (
+        not any(part.startswith((".", "__")) for part in relative.parts)
+        and relative.name not in _NOT_DATA
+        and _suffix(relative) is not None
+    )
 
 
 def _keyword_patterns(keyword: str) -> tuple[list[re.Pattern], list[re.Pattern]]:
     """datasets' patterns for a split keyword, in its order (fsspec >= 2023.12): in a directory name first, then
     in a file name (``**/{kw}[sep]*`` ...), as regular expressions over the path relative to the root."""
     any_dirs, name = "(?:.*/)?", "[^/]*"
-    in_dir = [f"{keyword}/.*", f"{keyword}{_SEP}{name}/.*", f"{name}{_SEP}{keyword}/.*",
-              f"{name}{_SEP}{keyword}{_SEP}{name}/.*"]
+    in_dir = [
+        f"{keyword}/.*",
+        f"{keyword}{_SEP}{name}/.*",
+        f"{name}{_SEP}{keyword}/.*",
+        f"{name}{_SEP}{keyword}{_SEP}{name}/.*",
+    ]
     in_file = [f"{keyword}{_SEP}{name}", f"{name}{_SEP}{keyword}{_SEP}{name}"]
     return [re.compile(any_dirs + pattern) for pattern in in_dir], [re.compile(any_dirs + p) for p in in_file]
 
@@ -139,8 +157,11 @@ def data_files(root: Path) -> dict[str, list[Path]]:
 
     Within a split the files keep datasets' order (pattern by pattern, each sorted by path)."""
     # Sorted as strings, as fsspec's glob sorts them ("a-b/x" before "a/x").
-    found = sorted(path.relative_to(root).as_posix() for path in root.rglob("*")
-                   if path.is_file() and _is_data_file(path.relative_to(root)))
+    found = sorted(
+        path.relative_to(root).as_posix()
+        for path in root.rglob("*")
+        if path.is_file() and _is_data_file(path.relative_to(root))
+    )
     shards: dict[str, list[str]] = {}
     for path in found:
         if match := _SHARD.fullmatch(path):
@@ -195,9 +216,11 @@ def _splits_in(root: Path) -> list[str]:
 def _local_config(name: str | None, path: Path, field: str) -> None:
     """A local dataset has datasets' one default configuration: README ``configs`` are not read."""
     if name not in (None, "default"):
-        raise DataError(f"{field}: '{name}' names a configuration, but {path} is a local dataset, whose only "
-                        f"configuration is 'default' (README configs are not read: point at that configuration's "
-                        f"folder instead, or set it to null)")
+        raise DataError(
+            f"{field}: '{name}' names a configuration, but {path} is a local dataset, whose only "
+            f"configuration is 'default' (README configs are not read: point at that configuration's "
+            f"folder instead, or set it to null)"
+        )
 
 
 def _looks_local(name: str, config: DPOPipelineConfig) -> bool:
@@ -205,8 +228,13 @@ def _looks_local(name: str, config: DPOPipelineConfig) -> bool:
     Hub retries: absolute, relative to ``.``/``~``, with a file extension, deeper than ``owner/name``, or in
     an existing directory (``data/preferencez``)."""
     path = Path(name)
-    return (path.is_absolute() or name.startswith((".", "~")) or path.suffix != "" or name.count("/") > 1
-            or ("/" in name and config.resolve_path(str(path.parent)).is_dir()))
+    return (
+        path.is_absolute()
+        or name.startswith((".", "~"))
+        or path.suffix != ""
+        or name.count("/") > 1
+        or ("/" in name and config.resolve_path(str(path.parent)).is_dir())
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the Hub
@@ -218,8 +246,9 @@ def _load_hub(name: str, config_name: str | None, field: str, **kwargs):
     except Exception as exc:  # noqa: BLE001 - any failure to fetch is the user's "no such dataset"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         which = f" (configuration '{config_name}')" if config_name is not None else ""
-        raise DataError(f"{field} '{name}'{which}: not a local path, and loading it from the Hugging Face Hub "
-                        f"failed: {first_line}") from None
+        raise DataError(
+            f"{field} '{name}'{which}: not a local path, and loading it from the Hugging Face Hub failed: {first_line}"
+        ) from None
 
 
 def _hub_source(dataset, name: str, role: str, split: str) -> SplitSource:
@@ -248,13 +277,15 @@ def _member_source(entry: MixtureDataset, i: int, config: DPOPipelineConfig) -> 
             source = _directory_source(path, "train", entry.split)
         if source is None:
             offered = _splits_in(path) if path.is_dir() else ["train"]
-            raise DataError(f"{field}: '{entry.id}' has no split '{entry.split}'; its splits: "
-                            f"{', '.join(offered) or 'none'}")
+            raise DataError(
+                f"{field}: '{entry.id}' has no split '{entry.split}'; its splits: {', '.join(offered) or 'none'}"
+            )
         return source
     if _looks_local(entry.id, config):
         raise DataError(f"{field}: no such file or directory: {path}")
-    return _hub_source(_load_hub(entry.id, entry.config, f"{field}.id", split=entry.split), entry.id, "train",
-                       entry.split)
+    return _hub_source(
+        _load_hub(entry.id, entry.config, f"{field}.id", split=entry.split), entry.id, "train", entry.split
+    )
 
 
 def _mixture_sources(config: DPOPipelineConfig, mixture: DatasetMixture) -> dict[str, SplitSource]:
@@ -265,15 +296,21 @@ def _mixture_sources(config: DPOPipelineConfig, mixture: DatasetMixture) -> dict
         if entry.columns is not None:
             have = columns_of(source)
             if missing := [c for c in entry.columns if c not in have]:
-                raise DataError(f"dataset_mixture.datasets[{i}].columns: '{missing[0]}' is not a column of "
-                                f"{source.label}; its columns: {', '.join(have) or 'none'}")
+                raise DataError(
+                    f"dataset_mixture.datasets[{i}].columns: '{missing[0]}' is not a column of "
+                    f"{source.label}; its columns: {', '.join(have) or 'none'}"
+                )
         members.append((source, None if entry.columns is None else tuple(entry.columns)))
     placed = Mixture.of(mixture, [row_count(source) for source, _ in members])
     files = tuple(path for source, _ in members for path in source.files)
     # The handbook's split names: its train_test_split calls them train and test.
     splits = {"train": "train", "eval": "test"} if placed.test_rows else {"train": "train"}
-    return {role: SplitSource(role, split, f"dataset_mixture [{split}]", "mixture", files,
-                              members=tuple(members), mixture=placed) for role, split in splits.items()}
+    return {
+        role: SplitSource(
+            role, split, f"dataset_mixture [{split}]", "mixture", files, members=tuple(members), mixture=placed
+        )
+        for role, split in splits.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -281,8 +318,10 @@ def resolve_sources(config: DPOPipelineConfig) -> dict[str, SplitSource]:
     """The train (required) and eval (when present) splits that ``dataset_name`` or ``dataset_mixture`` names."""
     if (config.dataset_name is None) == (config.dataset_mixture is None):
         which = "both set" if config.dataset_mixture is not None else "both null"
-        raise ConfigError(f"dataset_name, dataset_mixture: {which}; name the data with exactly one (with "
-                          f"dataset_mixture, set dataset_name: null)")
+        raise ConfigError(
+            f"dataset_name, dataset_mixture: {which}; name the data with exactly one (with "
+            f"dataset_mixture, set dataset_name: null)"
+        )
     if config.dataset_mixture is not None:
         return _mixture_sources(config, config.dataset_mixture)
     # Exactly one of the two is set (checked above), and it is not dataset_mixture.
@@ -294,15 +333,20 @@ def resolve_sources(config: DPOPipelineConfig) -> dict[str, SplitSource]:
     if path.is_file():
         sources = {"train": _file_source(path, "train", roles["train"])}
     elif path.is_dir():
-        sources = {role: source for role, split in roles.items()
-                   if (source := _directory_source(path, role, split)) is not None}
+        sources = {
+            role: source
+            for role, split in roles.items()
+            if (source := _directory_source(path, role, split)) is not None
+        }
         if "train" not in sources:
             others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
             split, offered = roles["train"], _splits_in(path)
             hint = f" (set dataset_train_split to one of its splits: {', '.join(offered)})" if offered else ""
-            raise DataError(f"dataset_name: no '{split}' split (a {split}.jsonl/.json/.parquet/.arrow file, "
-                            f"data/{split}-NNNNN-of-NNNNN.* shards or a datasets split) in {path}; it holds: "
-                            f"{', '.join(others) or 'nothing'}{hint}")
+            raise DataError(
+                f"dataset_name: no '{split}' split (a {split}.jsonl/.json/.parquet/.arrow file, "
+                f"data/{split}-NNNNN-of-NNNNN.* shards or a datasets split) in {path}; it holds: "
+                f"{', '.join(others) or 'nothing'}{hint}"
+            )
     elif _looks_local(config.dataset_name, config):
         raise DataError(f"dataset_name: no such file or directory: {path}")
     else:

@@ -53,10 +53,10 @@ from pipeline.tokenize.truncation import Truncation
 
 log = logging.getLogger(__name__)
 
-_EXAMPLES_LOGGED = 10    # skipped example ids kept in the manifest (and logged) per reason
-_BATCH_ROWS = 8192       # rows per Arrow batch: bounds the Python-object memory of a large split
-_ENCODE_ROWS = 512       # rows per tokenizer call (and per task of a dataset_num_proc pool)
-_IN_FLIGHT = 2           # chunks queued per pool process: enough to keep it busy, few to hold in memory
+_EXAMPLES_LOGGED = 10  # skipped example ids kept in the manifest (and logged) per reason
+_BATCH_ROWS = 8192  # rows per Arrow batch: bounds the Python-object memory of a large split
+_ENCODE_ROWS = 512  # rows per tokenizer call (and per task of a dataset_num_proc pool)
+_IN_FLIGHT = 2  # chunks queued per pool process: enough to keep it busy, few to hold in memory
 
 
 # ---------------------------------------------------------------------------------------------- one split
@@ -135,8 +135,9 @@ def _checked_pairs(rows, stats: SplitStats, columns: Mapping[str, str] | None) -
             yield example_id, where, pair
 
 
-def _add_row(columns: _Columns, stats: SplitStats, truncation: Truncation, example_id: int,
-             full: dict[str, list[int]]) -> None:
+def _add_row(
+    columns: _Columns, stats: SplitStats, truncation: Truncation, example_id: int, full: dict[str, list[int]]
+) -> None:
     """Truncate one encoded row and add it to the columns, or count why it is skipped."""
     cut = truncation.apply(full["prompt"], full["chosen"], full["rejected"])
     if cut is None:
@@ -149,8 +150,9 @@ def _add_row(columns: _Columns, stats: SplitStats, truncation: Truncation, examp
     truncated = {name: len(ids[name]) < len(full[name]) for name in FIELDS}
     stats.truncated.update(name for name in FIELDS if truncated[name])
     stats.tokens.update({name: len(ids[name]) for name in FIELDS})
-    stats.max_sequence_length = max(stats.max_sequence_length,
-                                    len(ids["prompt"]) + max(len(ids["chosen"]), len(ids["rejected"])))
+    stats.max_sequence_length = max(
+        stats.max_sequence_length, len(ids["prompt"]) + max(len(ids["chosen"]), len(ids["rejected"]))
+    )
     columns.add(example_id, ids, truncated)
 
 
@@ -159,8 +161,12 @@ def _note_layout(fmt: str, row: dict, where: str) -> None:
     ``question``): the common start of the two answers would then be a meaningless prompt."""
     others = [name for name, value in row.items() if isinstance(value, str) and name not in FIELDS]
     if fmt == "implicit_prompt_text" and others:
-        log.warning("%s: no 'prompt' column, so the prompt is the common start of chosen and rejected; if one of "
-                    "%s holds the prompt, map it with dataset_columns: {<column>: prompt}", where, ", ".join(others))
+        log.warning(
+            "%s: no 'prompt' column, so the prompt is the common start of chosen and rejected; if one of "
+            "%s holds the prompt, map it with dataset_columns: {<column>: prompt}",
+            where,
+            ", ".join(others),
+        )
 
 
 def _chunks(pairs) -> Iterator[tuple[tuple, tuple, tuple]]:
@@ -198,8 +204,12 @@ def _encode_in_pool(chunks, stats: SplitStats, tokenizer, model_dir: Path, label
 
     # Forked, the workers inherit the tokenizer; spawned (no fork on the platform), each unpickles it once.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method),
-                               initializer=_start_worker, initargs=(tokenizer, model_dir))
+    pool = ProcessPoolExecutor(
+        num_proc,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_start_worker,
+        initargs=(tokenizer, model_dir),
+    )
     pending: deque[tuple[tuple, Future]] = deque()
     checked = False
     try:
@@ -225,26 +235,34 @@ def _encode_in_pool(chunks, stats: SplitStats, tokenizer, model_dir: Path, label
         pool.shutdown(cancel_futures=True)
 
 
-def tokenize_split(source: SplitSource, tokenizer, truncation: Truncation, model_dir: Path, *,
-                   columns: Mapping[str, str] | None = None,
-                   num_proc: int | None = None) -> tuple[pa.Table, SplitStats]:
+def tokenize_split(
+    source: SplitSource,
+    tokenizer,
+    truncation: Truncation,
+    model_dir: Path,
+    *,
+    columns: Mapping[str, str] | None = None,
+    num_proc: int | None = None,
+) -> tuple[pa.Table, SplitStats]:
     """Tokenize and truncate one split: (table sorted by example_id, stats). ``columns``: dataset_columns'
     renames; ``num_proc`` > 1: encode in that many processes (the same table)."""
     for label, names in split_columns(source):  # a mapping that names a missing column fails before any row
         check_columns(columns, names, label)
     stats, table = SplitStats(), _Columns()
-    rows = tqdm(iter_rows(source), total=count_rows(source), desc=f"tokenize {source.role}", unit="row",
-                delay=2.0)  # shown only when a split takes more than 2 s
+    rows = tqdm(
+        iter_rows(source), total=count_rows(source), desc=f"tokenize {source.role}", unit="row", delay=2.0
+    )  # shown only when a split takes more than 2 s
     chunks = _chunks(_checked_pairs(rows, stats, columns))
-    encoded = (_encode_in_pool(chunks, stats, tokenizer, model_dir, source.label, num_proc)
-               if num_proc is not None and num_proc > 1 else
-               _encode_here(chunks, stats, tokenizer, model_dir, source.label))
+    encoded = (
+        _encode_in_pool(chunks, stats, tokenizer, model_dir, source.label, num_proc)
+        if num_proc is not None and num_proc > 1
+        else _encode_here(chunks, stats, tokenizer, model_dir, source.label)
+    )
     for example_ids, encodings in encoded:
         for example_id, full in zip(example_ids, encodings, strict=True):
             _add_row(table, stats, truncation, example_id, full)
     if stats.written == 0:
-        raise DataError(f"{source.label}: no usable rows ({stats.read} read; skipped: "
-                        f"{dict(stats.skipped) or 'none'})")
+        raise DataError(f"{source.label}: no usable rows ({stats.read} read; skipped: {dict(stats.skipped) or 'none'})")
     result = table.table()
     ids = result.column("example_id").to_numpy()
     # A mixture's rows arrive dataset by dataset, their ids (places in the shuffled split) out of order.
@@ -256,10 +274,16 @@ def _log_split(source: SplitSource, stats: SplitStats) -> None:
     unit, base = {"jsonl": ("lines", 1), "mixture": ("example_ids", 0)}.get(source.kind, ("rows", 1))
     for reason in (r for r in SKIP_REASONS if stats.skipped[r]):
         first = ", ".join(str(i + base) for i in stats.skipped_ids[reason])
-        log.warning("%s: skipped %d rows (%s), first at %s %s", source.label, stats.skipped[reason], reason, unit,
-                    first)
-    log.info("%s: %d of %d rows written; truncated prompt/chosen/rejected in %d/%d/%d rows", source.label,
-             stats.written, stats.read, *(stats.truncated[name] for name in FIELDS))
+        log.warning(
+            "%s: skipped %d rows (%s), first at %s %s", source.label, stats.skipped[reason], reason, unit, first
+        )
+    log.info(
+        "%s: %d of %d rows written; truncated prompt/chosen/rejected in %d/%d/%d rows",
+        source.label,
+        stats.written,
+        stats.read,
+        *(stats.truncated[name] for name in FIELDS),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -283,8 +307,12 @@ def _token_ids(tokenizer) -> _TokenIds:
     """What later stages need from the tokenizer without loading it. A tokenizer without a pad token pads
     with EOS (padding is masked out, so any id works; EOS is always in the vocabulary)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {"pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "vocab_size": len(tokenizer)}
+    return {
+        "pad_token_id": pad,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "vocab_size": len(tokenizer),
+    }
 
 
 def tokenize_stage(config: DPOPipelineConfig) -> Path:
@@ -305,15 +333,20 @@ def tokenize_stage(config: DPOPipelineConfig) -> Path:
     counts: dict[str, Any] = {}
     formats, skipped_ids = {}, {}
     for role, source in sources.items():
-        table, stats = tokenize_split(source, tokenizer, truncation, model_dir, columns=config.dataset_columns,
-                                      num_proc=config.dataset_num_proc)
+        table, stats = tokenize_split(
+            source, tokenizer, truncation, model_dir, columns=config.dataset_columns, num_proc=config.dataset_num_proc
+        )
         write_parquet(table, out / SPLIT_FILES[role])
         counts[role], formats[role], skipped_ids[role] = stats.counts(), stats.format, stats.skipped_ids
         _log_split(source, stats)
     counts["skipped"] = {reason: sum(counts[role]["skipped"][reason] for role in sources) for reason in SKIP_REASONS}
     write_manifest(
-        out, kind=KIND, schema_version=SCHEMA_VERSION, inputs=inputs,
-        files=[SPLIT_FILES[role] for role in sources], counts=counts,
+        out,
+        kind=KIND,
+        schema_version=SCHEMA_VERSION,
+        inputs=inputs,
+        files=[SPLIT_FILES[role] for role in sources],
+        counts=counts,
         model_path=str(model_dir),
         dataset={role: {"source": s.label, "split": s.split, "format": formats[role]} for role, s in sources.items()},
         skipped_example_ids=skipped_ids,
@@ -321,4 +354,3 @@ def tokenize_stage(config: DPOPipelineConfig) -> Path:
     )
     log.info("tokenized artifact written to %s", out)
     return out
-

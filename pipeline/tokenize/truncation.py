@@ -51,13 +51,14 @@ class Truncation:
         legacy = self.max_prompt_length is not None or self.max_completion_length is not None
         return "trl<0.29" if legacy else "trl>=0.29"
 
-    def apply(self, prompt: list[int], chosen: list[int],
-              rejected: list[int]) -> tuple[list[int], list[int], list[int]] | None:
+    def apply(
+        self, prompt: list[int], chosen: list[int], rejected: list[int]
+    ) -> tuple[list[int], list[int], list[int]] | None:
         """(prompt, chosen, rejected) cut by the rule, or None when nothing of a completion can be trained on."""
         if self.max_prompt_length is not None:
-            prompt = prompt[-self.max_prompt_length:]  # TRL < 0.29 keeps the prompt's end whatever the mode
+            prompt = prompt[-self.max_prompt_length :]  # TRL < 0.29 keeps the prompt's end whatever the mode
         if self.max_completion_length is not None:
-            chosen, rejected = chosen[:self.max_completion_length], rejected[:self.max_completion_length]
+            chosen, rejected = chosen[: self.max_completion_length], rejected[: self.max_completion_length]
         if self.max_length is None:
             return prompt, chosen, rejected
         limit = self.max_length
@@ -72,4 +73,4 @@ class Truncation:
         if limit < 2:
             return None
         # The longer completion alone fills max_length: it keeps its end, after the prompt's last token.
-        return prompt[-1:], chosen[-(limit - 1):], rejected[-(limit - 1):]
+        return prompt[-1:], chosen[-(limit - 1) :], rejected[-(limit - 1) :]

@@ -39,9 +39,17 @@ MIX_CHUNK_BYTES = 16 << 20
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit: a larger header means a corrupt file
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -78,9 +86,17 @@ class _SafetensorsFile:
         self.header_bytes = prefix + raw
         data_start = 8 + size
         try:
-            tensors = [_Tensor(name, _DTYPES[info["dtype"]], tuple(info["shape"]), data_start + info["data_offsets"][0],
-                               data_start + info["data_offsets"][1])
-                       for name, info in json.loads(raw).items() if name != "__metadata__"]
+            tensors = [
+                _Tensor(
+                    name,
+                    _DTYPES[info["dtype"]],
+                    tuple(info["shape"]),
+                    data_start + info["data_offsets"][0],
+                    data_start + info["data_offsets"][1],
+                )
+                for name, info in json.loads(raw).items()
+                if name != "__metadata__"
+            ]
         except (ValueError, KeyError, TypeError, IndexError) as exc:  # JSONDecodeError is a ValueError
             raise ArtifactError(f"{path} is not a safetensors file (bad header: {exc!r})") from None
         tensors.sort(key=lambda t: t.begin)
@@ -92,8 +108,9 @@ class _SafetensorsFile:
                 raise ArtifactError(f"{path}: tensor {tensor.name} has inconsistent data offsets")
             position = tensor.end
         if position != path.stat().st_size:
-            raise ArtifactError(f"{path} is truncated or has trailing bytes ({path.stat().st_size} bytes, header "
-                                f"describes {position})")
+            raise ArtifactError(
+                f"{path} is truncated or has trailing bytes ({path.stat().st_size} bytes, header describes {position})"
+            )
         self.tensors = {tensor.name: tensor for tensor in tensors}
         self._handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by __exit__
 
@@ -124,8 +141,10 @@ def safetensors_files(model_dir: Path) -> list[str]:
         return sorted(set(weight_map.values()))
     if (model_dir / SAFETENSORS_SINGLE).is_file():
         return [SAFETENSORS_SINGLE]
-    raise ArtifactError(f"no safetensors weights in {model_dir} (TR-DPO mixes model.safetensors or a sharded "
-                        f"{SAFETENSORS_INDEX}; re-save the model with save_pretrained(safe_serialization=True))")
+    raise ArtifactError(
+        f"no safetensors weights in {model_dir} (TR-DPO mixes model.safetensors or a sharded "
+        f"{SAFETENSORS_INDEX}; re-save the model with save_pretrained(safe_serialization=True))"
+    )
 
 
 class PeakRss:
@@ -177,22 +196,30 @@ def mix_safetensors(reference_dir: Path, policy_dir: Path, out_dir: Path, alpha:
         stale.unlink()
     written: list[str] = []
     with PeakRss() as peak, contextlib.ExitStack() as files:
-        reference_files = [files.enter_context(_SafetensorsFile(reference_dir / name))
-                           for name in safetensors_files(reference_dir)]
-        policy_files = [files.enter_context(_SafetensorsFile(policy_dir / name))
-                        for name in safetensors_files(policy_dir)]
+        reference_files = [
+            files.enter_context(_SafetensorsFile(reference_dir / name)) for name in safetensors_files(reference_dir)
+        ]
+        policy_files = [
+            files.enter_context(_SafetensorsFile(policy_dir / name)) for name in safetensors_files(policy_dir)
+        ]
         policy_tensors = {name: (f, t) for f in policy_files for name, t in f.tensors.items()}
         reference_names, policy_names = {name for f in reference_files for name in f.tensors}, set(policy_tensors)
         if reference_names != policy_names:
             missing, extra = sorted(reference_names - policy_names), sorted(policy_names - reference_names)
-            raise ArtifactError(f"policy {policy_dir} and reference {reference_dir} have different tensors "
-                                f"(missing from the policy: {missing[:5]}, only in the policy: {extra[:5]})")
+            raise ArtifactError(
+                f"policy {policy_dir} and reference {reference_dir} have different tensors "
+                f"(missing from the policy: {missing[:5]}, only in the policy: {extra[:5]})"
+            )
         for source in reference_files:
             _mix_file(source, policy_tensors, out_dir / source.path.name, alpha)
             written.append(source.path.name)
     for path in sorted(reference_dir.iterdir()):
-        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.name != MANIFEST \
-                and not path.name.startswith("."):
+        if (
+            path.is_file()
+            and path.suffix not in WEIGHT_SUFFIXES
+            and path.name != MANIFEST
+            and not path.name.startswith(".")
+        ):
             with atomic_path(out_dir / path.name) as tmp:
                 shutil.copyfile(path, tmp)
             written.append(path.name)
@@ -212,8 +239,10 @@ def _mix_file(source: _SafetensorsFile, policy_tensors: dict, target: Path, alph
         for tensor in source.tensors.values():
             policy_file, policy_tensor = policy_tensors[tensor.name]
             if policy_tensor.shape != tensor.shape:
-                raise ArtifactError(f"tensor {tensor.name}: policy shape {list(policy_tensor.shape)} != reference "
-                                    f"shape {list(tensor.shape)}")
+                raise ArtifactError(
+                    f"tensor {tensor.name}: policy shape {list(policy_tensor.shape)} != reference "
+                    f"shape {list(tensor.shape)}"
+                )
             for start in range(0, tensor.numel, chunk):
                 stop = min(start + chunk, tensor.numel)
                 ref = source.read(tensor, start, stop)
@@ -230,5 +259,8 @@ def _mix_file(source: _SafetensorsFile, policy_tensors: dict, target: Path, alph
 if __name__ == "__main__":
     if len(sys.argv) != 5:
         sys.exit("usage: python -m pipeline.train.mix REFERENCE_DIR POLICY_DIR OUT_DIR ALPHA")
-    print(json.dumps(mix_safetensors(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])),
-                     indent=2))
+    print(
+        json.dumps(
+            mix_safetensors(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])), indent=2
+        )
+    )

@@ -138,8 +138,10 @@ class PreferencePairs:
         """Refuse ids absent from the tokenized split or from the reference log-probs (naming them)."""
         missing = np.setdiff1d(ids, self.ids)
         if missing.size:
-            raise ArtifactError(f"{where}: example_ids {missing[:5].tolist()} are not in the tokenized {self.split} "
-                                f"split ({missing.size} missing)")
+            raise ArtifactError(
+                f"{where}: example_ids {missing[:5].tolist()} are not in the tokenized {self.split} "
+                f"split ({missing.size} missing)"
+            )
         self._reference().take(np.unique(ids))
 
     def batch(self, ids: np.ndarray) -> tuple[PairBatch, PairLogps]:
@@ -197,7 +199,10 @@ class MetricSums:
 
 def _policy_logps(out) -> PairLogps:
     (chosen, rejected), (chosen_len, rejected_len), (chosen_pub, rejected_pub) = (
-        out.halves("logps"), out.halves("lengths"), out.halves("public_logps"))
+        out.halves("logps"),
+        out.halves("lengths"),
+        out.halves("public_logps"),
+    )
     wpo = out.halves("wpo_log_weights") if out.wpo_log_weights is not None else (None, None)
     return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_pub, rejected_pub, *wpo)
 
@@ -214,11 +219,14 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
     By the parameter's full shape: under ZeRO-3 a partitioned parameter's ``.data`` is an empty 1-D tensor and
     its real shape is ``ds_shape``, so ``p.ndim`` would put every weight in the no-decay group."""
+
     def matrix(p: torch.nn.Parameter) -> bool:
         return len(getattr(p, "ds_shape", p.shape)) >= 2
 
-    groups = [{"params": [p for p in model.parameters() if matrix(p)], "weight_decay": weight_decay},
-              {"params": [p for p in model.parameters() if not matrix(p)], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in model.parameters() if matrix(p)], "weight_decay": weight_decay},
+        {"params": [p for p in model.parameters() if not matrix(p)], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -232,8 +240,9 @@ def client_optimizer(groups: list[dict[str, Any]], config: DPOPipelineConfig) ->
     if c.optim in ("adamw_torch", "adamw_torch_fused"):
         # fused: one kernel per parameter group instead of ~10 passes per tensor (3x faster steps on CPU).
         fused = c.optim == "adamw_torch_fused" and device().type in _get_fused_kernels_supported_devices()
-        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
-                                 fused=fused or None)
+        return torch.optim.AdamW(
+            groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, fused=fused or None
+        )
     if c.optim == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -251,14 +260,20 @@ def _newest_intact_checkpoint(root: Path) -> tuple[int, Path] | None:
     candidates = main_decides(lambda: [(step, str(path), _read_marker(path)) for step, path in _checkpoints(root)])
     for step, path, marker in reversed(candidates):
         files = sorted((marker or {}).get("files", {}).items())
-        mine = [name for name, digest in files[rank()::world_size()]
-                if not (Path(path) / name).is_file() or hash_file(Path(path) / name) != digest]
+        mine = [
+            name
+            for name, digest in files[rank() :: world_size()]
+            if not (Path(path) / name).is_file() or hash_file(Path(path) / name) != digest
+        ]
         damaged = [name for names in all_gather_objects(mine) for name in names]
         if files and not damaged:
             return step, Path(path)
         if is_main_process():
-            log.warning("checkpoint %s is damaged (%s); resuming from the one before it", path,
-                        f"{damaged[0]} does not match its recorded digest" if damaged else "no file digests")
+            log.warning(
+                "checkpoint %s is damaged (%s); resuming from the one before it",
+                path,
+                f"{damaged[0]} does not match its recorded digest" if damaged else "no file digests",
+            )
     return None
 
 
@@ -324,16 +339,29 @@ class DPOTrainingRecipe:
         train_ref = None
         if not config.sync_ref_model:
             self.reference_dirs["train"] = Path(train_reference_dir or plan.reference_dir)
-            train_ref = _load_reference(self.reference_dirs["train"], "train", plan.tokenized_fingerprint,
-                                        None if train_reference_dir else initial_weights)
+            train_ref = _load_reference(
+                self.reference_dirs["train"],
+                "train",
+                plan.tokenized_fingerprint,
+                None if train_reference_dir else initial_weights,
+            )
         self.train = PreferencePairs(plan.tokenized_dir, "train", train_ref, pad)
         self.schedule = TrainingSchedule.from_config(config, self.train.ids, self.world)
-        self.ds_config = resolve_ds_config(config, world=self.world, gpu=on_gpu(),
-                                           hidden_size=model_hidden_size(self.model_dir),
-                                           num_training_steps=self.schedule.num_steps)
+        self.ds_config = resolve_ds_config(
+            config,
+            world=self.world,
+            gpu=on_gpu(),
+            hidden_size=model_hidden_size(self.model_dir),
+            num_training_steps=self.schedule.num_steps,
+        )
         self.cadence = Cadence.of(config, self.schedule)
-        self.tr_dpo = (TRDPOWindows(config, self.run_dir, self.model_dir, plan.tokenized_dir,
-                                    plan.tokenized_fingerprint, self.schedule) if config.sync_ref_model else None)
+        self.tr_dpo = (
+            TRDPOWindows(
+                config, self.run_dir, self.model_dir, plan.tokenized_dir, plan.tokenized_fingerprint, self.schedule
+            )
+            if config.sync_ref_model
+            else None
+        )
         self.eval: PreferencePairs | None = None
         if SPLIT_FILES["eval"] in tokenized["files"]:
             eval_ref = _load_reference(self.reference_dirs["eval"], "eval", plan.tokenized_fingerprint, initial_weights)
@@ -356,11 +384,16 @@ class DPOTrainingRecipe:
     def _check_resumable(self, checkpoint: Path) -> None:
         saved = main_decides(lambda: json.loads((checkpoint / CHECKPOINT_MARKER).read_text()))
         ours, theirs = _flat(self.resume_key), _flat(saved["resume_key"])
-        diffs = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(ours) | set(theirs))
-                 if ours.get(k) != theirs.get(k)]
+        diffs = [
+            f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+            for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)
+        ]
         if diffs:
-            raise ConfigError(f"checkpoint {checkpoint} was made with a different config ({'; '.join(diffs[:6])}); "
-                              f"restore that config or delete {self.checkpoint_root} to start over")
+            raise ConfigError(
+                f"checkpoint {checkpoint} was made with a different config ({'; '.join(diffs[:6])}); "
+                f"restore that config or delete {self.checkpoint_root} to start over"
+            )
 
     def check_window(self, start: int, stop: int) -> None:
         """Before step 1: the train reference covers every example of steps [start, stop) (TR-DPO's windows
@@ -382,29 +415,44 @@ class DPOTrainingRecipe:
                 setattr(model_config, name, 0.0)  # functional dropout (e.g. Llama's attention) reads the config
         # Alive during from_pretrained: transformers then loads each weight straight into its ZeRO-3 partition.
         zero3_loading = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, config=model_config,
-                                                     dtype=torch.bfloat16 if self.config.bf16 else torch.float32,
-                                                     **model_kwargs(self.config))
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir,
+            config=model_config,
+            dtype=torch.bfloat16 if self.config.bf16 else torch.float32,
+            **model_kwargs(self.config),
+        )
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if self.config.gradient_checkpointing:
             kwargs = self.config.gradient_checkpointing_kwargs
             model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False} if kwargs is None else kwargs)
+                gradient_checkpointing_kwargs={"use_reentrant": False} if kwargs is None else kwargs
+            )
         groups = weight_decay_groups(model, self.config.weight_decay)
         # The ds_config's optimizer / scheduler sections win over optim / lr_scheduler_type, as in the HF Trainer.
         optimizer = None if "optimizer" in self.ds_config else client_optimizer(groups, self.config)
         steps = self.schedule.num_steps
         if "scheduler" in self.ds_config:
-            log.info("the ds_config's %s scheduler sets the learning rate (lr_scheduler_type is not used)",
-                     self.ds_config["scheduler"]["type"])
+            log.info(
+                "the ds_config's %s scheduler sets the learning rate (lr_scheduler_type is not used)",
+                self.ds_config["scheduler"]["type"],
+            )
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            model=model,
+            optimizer=optimizer,
+            model_parameters=groups if optimizer is None else None,
             config=self.ds_config,
-            lr_scheduler=None if "scheduler" in self.ds_config else lambda opt: get_scheduler(
-                self.config.lr_scheduler_type, opt, num_warmup_steps=num_warmup_steps(self.config, steps),
-                num_training_steps=steps, scheduler_specific_kwargs=self.config.lr_scheduler_kwargs))
+            lr_scheduler=None
+            if "scheduler" in self.ds_config
+            else lambda opt: get_scheduler(
+                self.config.lr_scheduler_type,
+                opt,
+                num_warmup_steps=num_warmup_steps(self.config, steps),
+                num_training_steps=steps,
+                scheduler_specific_kwargs=self.config.lr_scheduler_kwargs,
+            ),
+        )
         del zero3_loading
         if self.world == 1 and zero_stage(self.ds_config) == 0:
             # Nothing to reduce, but DeepSpeed would still copy every gradient into one flat buffer and back
@@ -413,9 +461,13 @@ class DPOTrainingRecipe:
         self.engine.train()
         client = self._load_checkpoint(self.resume_from[1]) if self.resume_from else None
         if self.tr_dpo is not None:
-            self.train.reference = self.tr_dpo.start(self.engine, zero_stage(self.ds_config) == 3,
-                                                     self.resume_from[1] if self.resume_from else None, client,
-                                                     self.step)
+            self.train.reference = self.tr_dpo.start(
+                self.engine,
+                zero_stage(self.ds_config) == 3,
+                self.resume_from[1] if self.resume_from else None,
+                client,
+                self.step,
+            )
         if is_main_process():
             self.metrics.restart(through_step=self.step)  # drop lines of steps the resumed run will redo
         barrier()
@@ -442,27 +494,40 @@ class DPOTrainingRecipe:
         means, tokens = sums.means()
         seconds = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
-        record = {"step": step + 1, "epoch": round((step + 1) / self.schedule.steps_per_epoch, 4), **means,
-                  "learning_rate": learning_rate,
-                  **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                  "tokens_per_second": tokens / seconds, "step_seconds": seconds}
+        record = {
+            "step": step + 1,
+            "epoch": round((step + 1) / self.schedule.steps_per_epoch, 4),
+            **means,
+            "learning_rate": learning_rate,
+            **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+            "tokens_per_second": tokens / seconds,
+            "step_seconds": seconds,
+        }
         self._stop_if_diverged(record)
         return record
 
     def _stop_if_diverged(self, record: dict[str, Any]) -> None:
         """A non-finite loss or gradient norm ends the run before anything is saved: the weights that step
         produced are not trusted, and the newest checkpoint (if any) is where a fixed run resumes."""
-        bad = {name: record.get(name) for name in ("loss", "grad_norm")
-               if record.get(name) is not None and not math.isfinite(record[name])}
+        bad = {
+            name: record.get(name)
+            for name in ("loss", "grad_norm")
+            if record.get(name) is not None and not math.isfinite(record[name])
+        }
         if not bad:
             return
         latest = _checkpoints(self.checkpoint_root)
-        resume = (f"the newest checkpoint is {latest[-1][1]} (step {latest[-1][0]}); a rerun resumes there"
-                  if latest else "there is no checkpoint yet; a rerun starts over")
+        resume = (
+            f"the newest checkpoint is {latest[-1][1]} (step {latest[-1][0]}); a rerun resumes there"
+            if latest
+            else "there is no checkpoint yet; a rerun starts over"
+        )
         what = " and ".join(f"{name} ({value})" for name, value in bad.items())
-        raise TrainingDiverged(f"step {record['step']}: non-finite {what}; "
-                               f"stopped before saving. {resume}. Lower learning_rate, check bf16 / attention "
-                               f"(attn_implementation) or the data, then rerun")
+        raise TrainingDiverged(
+            f"step {record['step']}: non-finite {what}; "
+            f"stopped before saving. {resume}. Lower learning_rate, check bf16 / attention "
+            f"(attn_implementation) or the data, then rerun"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -474,7 +539,7 @@ class DPOTrainingRecipe:
         ids = evaluation.ids
         sums = MetricSums(self.engine.device)
         for start in range(0, len(ids), per_rank * self.world):
-            mine = ids[start + self.rank * per_rank:start + (self.rank + 1) * per_rank]
+            mine = ids[start + self.rank * per_rank : start + (self.rank + 1) * per_rank]
             # Under ZeRO-3 a forward gathers parameters collectively: a rank out of examples scores a stand-in.
             state = LossState()  # a frozen copy of the BCO mean, local: ranks may hold different counts here
             state.load_state_dict(self.loss_state.state_dict())
@@ -493,8 +558,14 @@ class DPOTrainingRecipe:
         cadence = self.cadence
         if self.step == 0 and self.eval is not None and self.config.eval_on_start:
             self._log(self.evaluate())
-        bar = tqdm(total=self.schedule.num_steps, initial=self.step, desc="train", unit="step",
-                   disable=not is_main_process(), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.schedule.num_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not is_main_process(),
+            dynamic_ncols=True,
+        )
         try:
             while self.step < stop:
                 if self.tr_dpo is not None:
@@ -549,13 +620,15 @@ class DPOTrainingRecipe:
             with atomic_path(directory / f"rng-rank{self.rank}.pt") as tmp:
                 torch.save(rng, tmp)
         barrier()
-        names = main_decides(lambda: sorted(p.name for p in directory.iterdir()
-                                            if p.is_file() and not p.name.startswith(".tmp-")))
-        digests = {name: hash_file(directory / name) for name in names[self.rank::self.world]}
+        names = main_decides(
+            lambda: sorted(p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith(".tmp-"))
+        )
+        digests = {name: hash_file(directory / name) for name in names[self.rank :: self.world]}
         digests = {name: digest for part in all_gather_objects(digests) for name, digest in part.items()}
         if is_main_process():
-            atomic_write_json(directory / CHECKPOINT_MARKER,
-                              {"step": self.step, "resume_key": self.resume_key, "files": digests})
+            atomic_write_json(
+                directory / CHECKPOINT_MARKER, {"step": self.step, "resume_key": self.resume_key, "files": digests}
+            )
             self._prune_checkpoints()
         barrier()
 
@@ -619,12 +692,21 @@ class DPOTrainingRecipe:
             "eval_reward_margin": evaluation.get("eval_rewards/margins"),
             "train_metrics": train,
             "eval_metrics": evaluation,
-            "fingerprints": {"train": self.plan.train_fingerprint, "tokenized": self.plan.tokenized_fingerprint,
-                             **{f"reference_{split}": read_manifest(path, kind=REFERENCE_KIND, verify_files=False)[
-                                 "fingerprint"] for split, path in self.reference_dirs.items()}},
-            "paths": {"model": str(model_dir), "metrics": str(self.run_dir / METRICS_FILE), "plots": plots,
-                      "tokenized": str(self.plan.tokenized_dir),
-                      **{f"reference_{split}": str(path) for split, path in self.reference_dirs.items()}},
+            "fingerprints": {
+                "train": self.plan.train_fingerprint,
+                "tokenized": self.plan.tokenized_fingerprint,
+                **{
+                    f"reference_{split}": read_manifest(path, kind=REFERENCE_KIND, verify_files=False)["fingerprint"]
+                    for split, path in self.reference_dirs.items()
+                },
+            },
+            "paths": {
+                "model": str(model_dir),
+                "metrics": str(self.run_dir / METRICS_FILE),
+                "plots": plots,
+                "tokenized": str(self.plan.tokenized_dir),
+                **{f"reference_{split}": str(path) for split, path in self.reference_dirs.items()},
+            },
             # This call of the stage, from the start (data checks, model load) to here; a resumed run counts its
             # last call only.
             "stage_seconds": round(time.perf_counter() - self.started, 3),
@@ -633,14 +715,26 @@ class DPOTrainingRecipe:
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
         files = [str(p.relative_to(self.run_dir)) for p in sorted(model_dir.iterdir())]
         files += [METRICS_FILE, *(str(Path(p).relative_to(self.run_dir)) for p in plots.values())]
-        write_manifest(self.run_dir, kind=KIND, schema_version=SCHEMA_VERSION, inputs=self.plan.train_inputs,
-                       files=files, counts={"steps": self.schedule.num_steps, "train_examples": len(self.train.ids)},
-                       model_path=str(model_dir), summary=SUMMARY_FILE)
+        write_manifest(
+            self.run_dir,
+            kind=KIND,
+            schema_version=SCHEMA_VERSION,
+            inputs=self.plan.train_inputs,
+            files=files,
+            counts={"steps": self.schedule.num_steps, "train_examples": len(self.train.ids)},
+            model_path=str(model_dir),
+            summary=SUMMARY_FILE,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def train_stage(config: DPOPipelineConfig, *, stop_step: int | None = None,
-                train_reference_dir: Path | None = None, plan: Plan | None = None) -> Path:
+def train_stage(
+    config: DPOPipelineConfig,
+    *,
+    stop_step: int | None = None,
+    train_reference_dir: Path | None = None,
+    plan: Plan | None = None,
+) -> Path:
     """Train (or resume) the run of ``config`` up to ``stop_step`` (exclusive) or the end; return the run dir.
 
     Collective. The reference log-probs are the reference stage's artifact for ``config`` (or

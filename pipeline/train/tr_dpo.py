@@ -117,11 +117,12 @@ class ReferenceSlices:
         if self.zero3:
             return p.ds_tensor.data.view(-1)[: self._valid(p)]
         chunk = self._chunk(p)
-        return p.data.view(-1)[self.rank * chunk: self.rank * chunk + self._valid(p)]
+        return p.data.view(-1)[self.rank * chunk : self.rank * chunk + self._valid(p)]
 
     def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.storage,
-                          pin_memory=self.storage.type == "cpu" and on_gpu())
+        out = torch.empty(
+            tensor.shape, dtype=tensor.dtype, device=self.storage, pin_memory=self.storage.type == "cpu" and on_gpu()
+        )
         out.copy_(tensor)
         return out
 
@@ -206,8 +207,10 @@ class ReferenceSlices:
             raise ArtifactError(f"TR-DPO reference slice {path} cannot be read ({exc}); delete {checkpoint}") from None
         loaded = [saved[name].to(s.dtype) for (name, _), s in zip(self.params, self.slices, strict=True)]
         if _digest(loaded) != expected[self.rank]:
-            raise ArtifactError(f"TR-DPO reference slice {path} does not match the digest its version recorded "
-                                f"(modified or from another run); delete {checkpoint} to resume from an earlier one")
+            raise ArtifactError(
+                f"TR-DPO reference slice {path} does not match the digest its version recorded "
+                f"(modified or from another run); delete {checkpoint} to resume from an earlier one"
+            )
         for target, values in zip(self.slices, loaded, strict=True):
             target.copy_(values)
 
@@ -240,8 +243,15 @@ class TRDPOWindows:
     """The TR-DPO part of a training run: which version and which window's log-probs the steps use, the sync
     at each window start, the slices in checkpoints. Created by the recipe; every method is collective."""
 
-    def __init__(self, config: DPOPipelineConfig, run_dir: Path, model_dir: Path, tokenized_dir: Path,
-                 tokenized_fingerprint: str, schedule: TrainingSchedule):
+    def __init__(
+        self,
+        config: DPOPipelineConfig,
+        run_dir: Path,
+        model_dir: Path,
+        tokenized_dir: Path,
+        tokenized_fingerprint: str,
+        schedule: TrainingSchedule,
+    ):
         self.config, self.run_dir, self.model_dir = config, run_dir, model_dir
         self.tokenized_dir, self.tokenized_fingerprint = tokenized_dir, tokenized_fingerprint
         self.plan = WindowPlan.of(config, schedule)
@@ -266,17 +276,25 @@ class TRDPOWindows:
         fp = expected_fingerprint(VERSION_KIND, VERSION_SCHEMA, inputs)
         if is_main_process():
             rounded: dict[str, Any] = {k_: round(v, 4) for k_, v in timings.items()}
-            write_manifest(version_dir(self.run_dir, k), kind=VERSION_KIND, schema_version=VERSION_SCHEMA,
-                           inputs=inputs, files=[], slice_digests=digests, world_size=slices.world,
-                           zero3=slices.zero3, **rounded)
+            write_manifest(
+                version_dir(self.run_dir, k),
+                kind=VERSION_KIND,
+                schema_version=VERSION_SCHEMA,
+                inputs=inputs,
+                files=[],
+                slice_digests=digests,
+                world_size=slices.world,
+                zero3=slices.zero3,
+                **rounded,
+            )
         self.fingerprints[k], self.version, self.digests = fp, k, digests
 
     def _read_version(self, k: int) -> dict[str, Any]:
-        return read_manifest(version_dir(self.run_dir, k), kind=VERSION_KIND, schema_version=VERSION_SCHEMA,
-                             verify_files=False)
+        return read_manifest(
+            version_dir(self.run_dir, k), kind=VERSION_KIND, schema_version=VERSION_SCHEMA, verify_files=False
+        )
 
-    def start(self, engine, zero3: bool, resumed: Path | None, client: dict | None,
-              step: int) -> ReferenceLogps:
+    def start(self, engine, zero3: bool, resumed: Path | None, client: dict | None, step: int) -> ReferenceLogps:
         """At setup: v0 from the policy's initial weights, or the checkpoint's version and slices on resume;
         returns the log-probs of the window ``step`` is in (synced and scored first where needed)."""
         self.slices = ReferenceSlices(engine, zero3, on_device=self.config.ref_slices_on_device)
@@ -288,9 +306,11 @@ class TRDPOWindows:
                 raise ArtifactError(f"checkpoint {resumed} has no TR-DPO reference state; delete it to start over")
             manifest = self._read_version(state["version"])
             if manifest["fingerprint"] != state["fingerprint"]:
-                raise ArtifactError(f"checkpoint {resumed} holds reference version {state['version']} "
-                                    f"({state['fingerprint'][:12]}), but {version_dir(self.run_dir, state['version'])} "
-                                    f"records {manifest['fingerprint'][:12]}; delete the checkpoint")
+                raise ArtifactError(
+                    f"checkpoint {resumed} holds reference version {state['version']} "
+                    f"({state['fingerprint'][:12]}), but {version_dir(self.run_dir, state['version'])} "
+                    f"records {manifest['fingerprint'][:12]}; delete the checkpoint"
+                )
             self.slices.load(resumed, manifest["slice_digests"])
             self.fingerprints = {v: state["chain"][str(v)] for v in range(state["version"] + 1)}
             self.version, self.digests = state["version"], manifest["slice_digests"]
@@ -300,8 +320,11 @@ class TRDPOWindows:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint records about the reference (its slices are saved beside it)."""
-        return {"version": self.version, "fingerprint": self.fingerprints[self.version],
-                "chain": {str(v): fp for v, fp in self.fingerprints.items()}}
+        return {
+            "version": self.version,
+            "fingerprint": self.fingerprints[self.version],
+            "chain": {str(v): fp for v, fp in self.fingerprints.items()},
+        }
 
     # ------------------------------------------------------------------ windows
     def before_step(self, step: int) -> ReferenceLogps | None:
@@ -315,9 +338,13 @@ class TRDPOWindows:
             policy_digests = self.started_slices().policy_digests()
             self.started_slices().mix(self.config.ref_model_mixup_alpha)
             mixed = time.perf_counter()
-            inputs = {"version": k, "previous": self.fingerprints[k - 1], "policy_step": step,
-                      "policy_digest": hashlib.sha256("".join(policy_digests).encode()).hexdigest(),
-                      "alpha": self.config.ref_model_mixup_alpha}
+            inputs = {
+                "version": k,
+                "previous": self.fingerprints[k - 1],
+                "policy_step": step,
+                "policy_digest": hashlib.sha256("".join(policy_digests).encode()).hexdigest(),
+                "alpha": self.config.ref_model_mixup_alpha,
+            }
             self._commit_version(k, inputs, mix_seconds=mixed - started)
             if self.config.save_reference_versions:
                 self.started_slices().export(version_dir(self.run_dir, k), self.model_dir)
@@ -325,15 +352,26 @@ class TRDPOWindows:
         out = self._score_window(k)
         if is_main_process():
             start, stop = self.plan.window(k)
-            log.info("TR-DPO window %d/%d (steps %d-%d): reference version %d, %d examples scored in %.2f s", k + 1,
-                     len(self.plan.bounds), start + 1, stop, k, len(self.plan.example_ids(k)),
-                     time.perf_counter() - started)
+            log.info(
+                "TR-DPO window %d/%d (steps %d-%d): reference version %d, %d examples scored in %.2f s",
+                k + 1,
+                len(self.plan.bounds),
+                start + 1,
+                stop,
+                k,
+                len(self.plan.example_ids(k)),
+                time.perf_counter() - started,
+            )
         self.loaded_window = k
         return load_reference_logps(out, split="train", expected_ids=self.plan.example_ids(k))
 
     def _extra(self, k: int) -> dict[str, Any]:
-        return {"tr_dpo_window": k, "steps": list(self.plan.window(k)), "reference_version": k,
-                "reference_version_fingerprint": self.fingerprints[k]}
+        return {
+            "tr_dpo_window": k,
+            "steps": list(self.plan.window(k)),
+            "reference_version": k,
+            "reference_version_fingerprint": self.fingerprints[k],
+        }
 
     def _score_window(self, k: int) -> Path:
         """Window k's examples scored with version k, in this engine (kept if already committed)."""
@@ -343,9 +381,15 @@ class TRDPOWindows:
         engine.eval()
         try:
             return compute_reference_logps(
-                self.config, tokenized_dir=self.tokenized_dir, out_dir=window_dir(self.run_dir, k),
-                splits=["train"], engine=engine, weights=self.fingerprints[k],
-                example_ids={"train": self.plan.example_ids(k)}, extra_inputs=self._extra(k))
+                self.config,
+                tokenized_dir=self.tokenized_dir,
+                out_dir=window_dir(self.run_dir, k),
+                splits=["train"],
+                engine=engine,
+                weights=self.fingerprints[k],
+                example_ids={"train": self.plan.example_ids(k)},
+                extra_inputs=self._extra(k),
+            )
         finally:
             engine.train()
             slices.swap_out(swapped)
@@ -356,14 +400,20 @@ class TRDPOWindows:
         forwards = sum(reference_forward_count(window_dir(self.run_dir, k)) for k in windows)
         consumed = sum(len(self.plan.example_ids(k)) for k in windows)
         versions = [self._read_version(k) for k in windows]
-        return {"reference_versions": len(self.plan.bounds),
-                "reference_forwards_per_example": round(forwards / consumed, 4),
-                "tr_dpo": {"tau": self.config.ref_model_sync_steps, "alpha": self.config.ref_model_mixup_alpha,
-                           "windows": [list(b) for b in self.plan.bounds], "reference_forwards": forwards,
-                           "consumed_examples": consumed,
-                           "versions": [str(version_dir(self.run_dir, k)) for k in windows],
-                           "mix_seconds": [v.get("mix_seconds") for v in versions[1:]],
-                           "score_seconds": [reference_counts(window_dir(self.run_dir, k))["seconds"]
-                                             for k in windows],
-                           "reference_slice_bytes_per_rank": sum(s.numel() * s.element_size()
-                                                                 for s in self.started_slices().slices)}}
+        return {
+            "reference_versions": len(self.plan.bounds),
+            "reference_forwards_per_example": round(forwards / consumed, 4),
+            "tr_dpo": {
+                "tau": self.config.ref_model_sync_steps,
+                "alpha": self.config.ref_model_mixup_alpha,
+                "windows": [list(b) for b in self.plan.bounds],
+                "reference_forwards": forwards,
+                "consumed_examples": consumed,
+                "versions": [str(version_dir(self.run_dir, k)) for k in windows],
+                "mix_seconds": [v.get("mix_seconds") for v in versions[1:]],
+                "score_seconds": [reference_counts(window_dir(self.run_dir, k))["seconds"] for k in windows],
+                "reference_slice_bytes_per_rank": sum(
+                    s.numel() * s.element_size() for s in self.started_slices().slices
+                ),
+            },
+        }
