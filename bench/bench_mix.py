@@ -52,19 +52,16 @@ print(json.dumps(mix_safetensors(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.
 def build_models(work: Path, *, layers: int, hidden: int, vocab: int) -> tuple[Path, Path]:
     """A random fp32 Llama (the reference) and the same plus noise saved in 100 MB shards (the policy)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llama import random_llama
 
-    config = LlamaConfig(
+    model = random_llama(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(hidden * 2.75),
         num_hidden_layers=layers,
         num_attention_heads=16,
         num_key_value_heads=8,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     model.save_pretrained(work / "reference")
     with torch.no_grad():
         for param in model.parameters():

@@ -47,26 +47,20 @@ PAD, EOS = 0, 1
 # ------------------------------------------------------------------------------------------------ setup (parent)
 def build_model(model_dir: Path, *, hidden: int, layers: int, vocab: int) -> int:
     """A randomly initialised Llama saved with save_pretrained; returns the parameter count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llama import save_random_llama
 
-    config = LlamaConfig(
+    return save_random_llama(
+        model_dir,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=8,
-        max_position_embeddings=1024,
         pad_token_id=PAD,
         eos_token_id=EOS,
         bos_token_id=None,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(model_dir)
-    return sum(p.numel() for p in model.parameters())
 
 
 def build_tokenized(out: Path, *, pairs: int, vocab: int, seed: int = 0) -> Path:

@@ -127,33 +127,22 @@ class PhasePeaks:
 
 
 def memory_child(work: Path, side: str) -> dict:
+    import bench_train
     import torch
 
-    from pipeline.config import load_config
     from pipeline.reference.stage import reference_stage
     from pipeline.tokenize.stage import tokenize_stage
     from pipeline.train import tr_dpo
     from pipeline.train.stage import DPOTrainingRecipe, train_stage
 
     torch.set_num_threads(2)
-    config = load_config(
-        None,
-        {
-            "model_name_or_path": str(work / "model-134m"),
-            "dataset_name": str(work / "data"),
-            "dataset_test_split": None,
-            "output_dir": str(work / f"memory-{side}"),
-            "max_length": None,
-            "max_prompt_length": None,
-            "max_completion_length": None,
-            "per_device_train_batch_size": 2,
-            "precompute_ref_batch_size": 8,
-            "learning_rate": 1e-6,
-            "max_steps": MEMORY_STEPS,
-            "sync_ref_model": side == "tr-dpo",
-            "ref_model_sync_steps": MEMORY_TAU,
-            "deepspeed": None,
-        },
+    config = bench_train.our_config(
+        work,
+        f"memory-{side}",
+        MEMORY_STEPS,
+        model_name_or_path=str(work / "model-134m"),
+        sync_ref_model=side == "tr-dpo",
+        ref_model_sync_steps=MEMORY_TAU,
     )
     tokenize_stage(config)
     reference_stage(config)
@@ -213,7 +202,7 @@ class _Engine:
 
 def part_mix() -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llama import random_llama
 
     from pipeline.distributed import prepare_environment
     from pipeline.train.tr_dpo import ReferenceSlices
@@ -222,13 +211,11 @@ def part_mix() -> dict:
     torch.set_num_threads(2)
     out = {}
     for name, shape in MIX_SIZES.items():
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                **shape,
-                num_attention_heads=8 if shape["hidden_size"] > 64 else 4,
-                num_key_value_heads=2,
-                vocab_size=49152 if name != "tiny" else 512,
-            )
+        model = random_llama(
+            **shape,
+            num_attention_heads=8 if shape["hidden_size"] > 64 else 4,
+            num_key_value_heads=2,
+            vocab_size=49152 if name != "tiny" else 512,
         )
         slices = ReferenceSlices(_Engine(model), zero3=False, on_device=False)
         seconds = []

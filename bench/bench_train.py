@@ -99,24 +99,19 @@ PRESETS = {
 # ------------------------------------------------------------------------------------------------ setup (parent)
 def build_model(model_dir: Path, preset: str) -> int:
     """Our tokenizer plus a randomly initialised Llama of the preset's shape; returns the parameter count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llama import save_random_llama
 
     from pipeline.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
+    return save_random_llama(
+        model_dir,
+        tokenizer=tokenizer,
         **PRESETS[preset],
-        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return sum(p.numel() for p in model.parameters())
 
 
 def write_dataset(data_dir: Path, model_dir: Path, *, pairs: int, prompt_tokens: int, completion_tokens: int) -> None:
@@ -155,7 +150,10 @@ def write_dataset(data_dir: Path, model_dir: Path, *, pairs: int, prompt_tokens:
             handle.write(json.dumps(row) + "\n")
 
 
-def our_config(work: Path, case: str, steps: int, zero3_config: str = str(REPO_ROOT / "configs" / "ds_zero3.json")):
+def our_config(
+    work: Path, case: str, steps: int, zero3_config: str = str(REPO_ROOT / "configs" / "ds_zero3.json"), **overrides
+):
+    """The benchmarks' config of our pipeline for ``case`` (fp32, bf16, zero3x2), ``overrides`` on top."""
     from pipeline.config import load_config
 
     return load_config(
@@ -180,7 +178,8 @@ def our_config(work: Path, case: str, steps: int, zero3_config: str = str(REPO_R
             "logging_steps": 1,
             "deepspeed": zero3_config if case == "zero3x2" else None,
             "num_processes": 2 if case == "zero3x2" else 1,
-        },
+        }
+        | overrides,
     )
 
 
