@@ -114,7 +114,7 @@ def _error(where: str, problem: str, fmt: str, fix: str) -> DataError:
     return DataError(f"{where}: {problem} (layout: {LAYOUTS[fmt]}, detected from the split's first row; {fix})")
 
 
-def _text_field(row: dict, name: str, where: str, fmt: str) -> str:
+def _required(row: dict, name: str, where: str, fmt: str) -> Any:
     value = row.get(name)
     if value is None:
         raise _error(
@@ -123,6 +123,11 @@ def _text_field(row: dict, name: str, where: str, fmt: str) -> str:
             fmt,
             f"every row needs '{name}'; name its column with dataset_columns: {{<column>: {name}}}",
         )
+    return value
+
+
+def _text_field(row: dict, name: str, where: str, fmt: str) -> str:
+    value = _required(row, name, where, fmt)
     if not isinstance(value, str):
         raise _error(
             where,
@@ -134,14 +139,7 @@ def _text_field(row: dict, name: str, where: str, fmt: str) -> str:
 
 
 def _messages_field(row: dict, name: str, where: str, fmt: str) -> list[dict]:
-    value = row.get(name)
-    if value is None:
-        raise _error(
-            where,
-            f"missing field '{name}'",
-            fmt,
-            f"every row needs '{name}'; name its column with dataset_columns: {{<column>: {name}}}",
-        )
+    value = _required(row, name, where, fmt)
     if not isinstance(value, list):
         raise _error(
             where,
