@@ -257,7 +257,7 @@ class _RefusalsOnce(logging.Filter):
         if isinstance(error, PipelineError):
             return False
         # The flow's final state line repeats the error as text: "Failed('Flow run encountered ... ConfigError: ...')"
-        return not (record.levelno >= logging.ERROR and _REFUSAL_IN_STATE.search(record.getMessage()))
+        return not _REFUSAL_IN_STATE.search(record.getMessage())
 
 
 _REFUSAL_IN_STATE = re.compile(

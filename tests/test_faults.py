@@ -284,3 +284,25 @@ def test_a_full_disk_at_a_training_checkpoint_is_one_line_and_the_rerun_is_exact
         assert all((final[name] == expected[name]).all() for name in expected)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.slow  # a whole `dpo-pipeline run`: its own Prefect API, a reference and a training job (~40 s)
+def test_input_a_stage_job_refuses_under_run_is_one_line_on_stderr_once_with_exit_code_2(make_config, tmp_path):
+    # An explicit global batch only the training job, knowing its ranks, can check: the flow gets that far.
+    ds_config = tmp_path / "ds_batch.json"
+    ds_config.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 0}}))
+    save_config(make_config(deepspeed=str(ds_config), max_steps=2), tmp_path / "config.yaml")
+    env = {**job_environment(), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)  # the run's own temporary API, as on a user's machine
+    done = subprocess.run(
+        [DPO_PIPELINE, "run", "--config", str(tmp_path / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = one_error_line(done, "run")
+    assert "sets train_batch_size=999" in line
+    assert done.stderr.count("train_batch_size=999") == 1  # not the job's line, the task's, the flow's as well
+    assert "train_batch_size=999" in (make_config().output_path / "logs" / "train.log").read_text()  # the details
