@@ -1,14 +1,12 @@
 """Tokenize stage: a preference dataset -> the ``tokenized`` artifact that the reference pass and training read.
 
-Input (``dataset_name``): a directory of ``{split}.jsonl`` / ``{split}.parquet`` files, a directory written by
-``datasets``' ``save_to_disk`` (a DatasetDict keyed by split, or one Dataset = the train split), a single
-``.jsonl`` / ``.parquet`` file (the train split, no eval), or else a Hugging Face Hub name. Three row formats,
-detected from a split's first row:
-
-* standard:        ``prompt``, ``chosen``, ``rejected`` strings;
-* conversational:  the same fields as lists of ``{role, content}`` messages, rendered with the chat template;
-* implicit prompt: no ``prompt``; ``chosen``/``rejected`` are whole conversations whose longest common message
-  prefix becomes the prompt.
+Input (``dataset_name``, or alignment-handbook's ``dataset_mixture`` of several): a directory of
+``{split}.jsonl`` / ``{split}.parquet`` files, a Hub snapshot folder (splits found by file name as ``datasets``
+finds them, e.g. ``data/train_prefs-00000-of-00001.parquet``), a directory written by ``datasets``'
+``save_to_disk``, a single ``.jsonl`` / ``.parquet`` file (the train split), or else a Hugging Face Hub name. The
+row layouts of the public preference datasets (standard, conversational, implicit prompt, H4's string prompt
+beside conversations that repeat it, hh-rlhf's transcript strings, a system column) are detected from a split's
+first row (:mod:`.formats`); ``dataset_columns`` maps other column names first.
 
 Output: ``<output_dir>/tokenized/<fingerprint[:16]>/`` with ``train.parquet``, ``eval.parquet`` (when the
 dataset has ``dataset_test_split``) and ``manifest.json`` (written last). One row per kept pair, sorted by
