@@ -99,7 +99,7 @@ class JobOutput:
         if window := _WINDOW.search(line):
             self._window_started(window)
         progress = parse_progress(line)
-        if progress is None or progress[0] != self.bar:
+        if progress is None or progress[0].split(" ")[0] != self.bar:  # "tokenize train" is the tokenize bar
             self.logger.info(line)
             return
         if self.windows and (loss := _LOSS.search(line)):

@@ -10,8 +10,10 @@
   manifest, or a listed file missing or modified) refreshes its record (runs, then overwrites it), so a
   ``Cached`` state always means the files are there as committed. And every stage itself reuses a complete
   artifact, rebuilds an unusable one, and resumes a partial one, without Prefect.
-* **Heavy tasks run DeepSpeed jobs** through :func:`pipeline.launch.run_stage` (``num_processes`` ranks under
-  the launcher, in their own process group), their output and progress streamed by :class:`flows.jobs.JobOutput`.
+* **Every stage is a job** through :func:`pipeline.launch.run_stage`, in its own process group, its output and
+  progress streamed by :class:`flows.jobs.JobOutput`: the reference pass and training with ``num_processes``
+  ranks under the launcher, tokenizing as one plain process. So the flow's process never imports torch (nor
+  transformers, which imports it), and a job's failure is its own.
 * **Retries** (:data:`JOB_RETRIES`) for the reference pass and training: a retried reference
   pass keeps its committed shards and a retried training resumes from its last DeepSpeed checkpoint, because
   that is what the stages do when rerun. A job that refused its input (bad config, data or artifact) or hit a
@@ -40,7 +42,6 @@ from pipeline import launch
 from pipeline.artifacts import MANIFEST, read_manifest, storage_error
 from pipeline.config import DPOPipelineConfig
 from pipeline.errors import ArtifactError, PipelineError
-from pipeline.tokenize.stage import tokenize_stage
 
 CACHE_DIR = "prefect-cache"
 JOB_RETRIES = 2
@@ -109,8 +110,10 @@ def run_job(
 # ---------------------------------------------------------------------------------------------- stage tasks
 @_stage_task("tokenize")
 def tokenize_task(config: DPOPipelineConfig, artifact: str) -> str:
-    # In this process: tokenizing needs no model, and a job would only add the launcher's start-up time.
-    return str(tokenize_stage(config))
+    # A process of its own (no launcher: one process, no model): transformers imports torch, which must stay
+    # out of the Prefect process, and dataset_num_proc forks its workers from there, not from Prefect's threads.
+    run_job("tokenize", config, artifact=artifact)
+    return artifact
 
 
 @_stage_task("reference-pass", retries=JOB_RETRIES)

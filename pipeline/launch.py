@@ -101,6 +101,8 @@ def stage_command(
     ``rdzv_endpoint`` (start the same command on every node). deepspeed: ``--num_gpus`` on one node (or the
     GPUs of CUDA_VISIBLE_DEVICES, which ``--num_gpus`` would ignore), or ``hostfile``. slurm: ``srun``."""
     target = ["pipeline.cli", stage, "--config", str(config_path), *extra_args]
+    if stage == "tokenize":
+        return [sys.executable, "-m", *target]  # one process on this machine, whatever the launcher: no ranks
     nproc = str(config.num_processes)
     if config.launcher == "slurm":
         from pipeline import slurm
