@@ -47,8 +47,8 @@ def _h4(row: dict, system: bool = False) -> dict:
 
 LAYOUTS = {  # dataset id -> (its config's directory, row builder, split sizes)
     "HuggingFaceH4/ultrafeedback_binarized": ("data", _h4, {"train_prefs": 2200, "test_prefs": 200}),
-    "HuggingFaceH4/cai-conversation-harmless": ("data", _h4, {"train_prefs": 400, "test_prefs": 100}),
-    "HuggingFaceH4/orca_dpo_pairs": ("data", lambda r: _h4(r, system=True), {"train_prefs": 2200, "test_prefs": 600}),
+    "HuggingFaceH4/cai-conversation-harmless": ("data", _h4, {"train_prefs": 700, "test_prefs": 150}),
+    "HuggingFaceH4/orca_dpo_pairs": ("data", lambda r: _h4(r, system=True), {"train_prefs": 600, "test_prefs": 100}),
     "argilla/dpo-mix-7k": (
         "data",
         lambda r: {
@@ -58,7 +58,7 @@ LAYOUTS = {  # dataset id -> (its config's directory, row builder, split sizes)
             "chosen_rating": 5.0,
             "rejected_rating": 2.0,
         },
-        {"train": 2400, "test": 200},
+        {"train": 700, "test": 100},
     ),
     "HuggingFaceTB/smoltalk2": (
         "Preference",
