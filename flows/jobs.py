@@ -1,7 +1,7 @@
 """Stage jobs seen from Prefect: their output in the task's log, their progress as an artifact, and their end.
 
 * :class:`JobOutput` is the ``on_line`` of :func:`pipeline.launch.run_stage`: every line of the job goes to the
-  Prefect task's log (up to a refusal of its input, which the task reports as the error itself), except the
+  Prefect task's log (up to a refusal of its input, :func:`pipeline.launch.until_refusal`), except the
   refreshes of the stage's own tqdm bar (described by the stage's name:
   ``train:  45%|...``; one line per refresh, because the launcher reads the pipe in text mode, which turns
   tqdm's carriage returns into line ends). Those drive a progress artifact instead, updated (and logged) every
@@ -58,9 +58,6 @@ _WINDOW = re.compile(
     r"(?P<version>\d+)"
 )
 _LOSS = re.compile(r"loss=(?P<loss>[-\d.naif]+)")
-# The line a stage prints when it refuses its input (pipeline/cli.py). The error itself reaches the task with its
-# type (the job's --error-file); what the job prints after this line is its launcher's report of the exit.
-_REFUSED = re.compile(r"^dpo-pipeline [\w-]+: error: ")
 
 
 def parse_progress(line: str) -> tuple[str, float] | None:
@@ -86,16 +83,10 @@ class JobOutput:
         self.shown_at = time.monotonic()
         self.windows: list[dict[str, str]] = []  # TR-DPO windows started so far, with the loss each ended at
         self.key = key
-        self.refused = False  # the job printed its refusal: nothing more of it goes to the task's log
 
     def __call__(self, line: str) -> None:
-        if self.refused or not line.strip():
+        if not line.strip():
             return  # tqdm's carriage returns leave empty lines
-        if _REFUSED.match(line):
-            # The task fails with this error (once, by type); the rest, the launcher's traceback of a rank that
-            # exited 2, stays in logs/<stage>.log.
-            self.refused = True
-            return
         if window := _WINDOW.search(line):
             self._window_started(window)
         progress = parse_progress(line)

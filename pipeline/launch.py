@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -282,6 +283,25 @@ def run_job(
         raise JobFailed(stage, proc.returncode, "\n".join(tail))
 
 
+# The line a stage prints when it refuses its input (pipeline/cli.py).
+_REFUSAL = re.compile(r"^dpo-pipeline [\w-]+: error: ")
+
+
+def until_refusal(on_line: Callable[[str], None]) -> Callable[[str], None]:
+    """``on_line`` for a job's lines up to its refusal of its input: the refusal comes back as the error itself,
+    raised once by :func:`run_job`, and what the job prints after it (each rank's copy of the line, the
+    launcher's traceback of ranks that exited 2) stays in the job's log file."""
+    refused = False
+
+    def forward(line: str) -> None:
+        nonlocal refused
+        refused = refused or bool(_REFUSAL.match(line))
+        if not refused:
+            on_line(line)
+
+    return forward
+
+
 def run_stage(
     stage: str,
     config: DPOPipelineConfig,
@@ -307,7 +327,7 @@ def run_stage(
         stage,
         command,
         log_path=config.output_path / "logs" / f"{stage}.log",
-        on_line=on_line,
+        on_line=until_refusal(on_line) if on_line else None,
         timeout=timeout,
         slurm_job_name=job_name if config.launcher == "slurm" else None,
         device=config.device,
