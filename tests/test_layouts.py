@@ -624,8 +624,24 @@ def test_dataset_config_of_an_unreachable_hub_name(make_config):
 
 def test_a_local_dataset_has_only_the_default_configuration(make_config):
     assert tokenized_fingerprint(make_config(dataset_config="default"))  # datasets' name for it
-    with pytest.raises(DataError, match="dataset_config: 'helpful-base' names a configuration, but .* is a local"):
+    with pytest.raises(DataError, match="dataset_config: 'helpful-base' names a configuration, but the local"):
         tokenize_stage(make_config(dataset_config="helpful-base"))
+
+
+def test_a_named_configuration_of_a_local_copy_is_its_folder(make_config, tmp_path):
+    # push_to_hub writes a named configuration's shards into a folder of that name (smoltalk2's "Preference").
+    rows = [h4_row(f"what colour is fruit {i} ?", f"fruit {i} is green .", f"{i} ?", i) for i in range(8)]
+    write_parquet(tmp_path / "hub" / "Preference" / "tulu_mix-00000-of-00001.parquet", rows)
+    write_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", rows[:2])  # the default's
+    out = tokenize_stage(
+        make_config(
+            dataset_name=str(tmp_path / "hub"),
+            dataset_config="Preference",
+            dataset_train_split="tulu_mix",
+            dataset_test_split=None,
+        )
+    )
+    assert load_tokenized(out, "train").num_rows == 8
 
 
 # ---------------------------------------------------------------------------------------------- dataset_num_proc

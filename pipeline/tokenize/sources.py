@@ -55,7 +55,8 @@ SPLIT_KEYWORDS = {
 }
 _SEP = "[-._ 0-9]"
 _NOT_DATA = {"config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
-_SHARD = re.compile(r"data/(?P<split>[^/]+?)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*")
+# push_to_hub's shard names: data/{split}-NNNNN-of-NNNNN.parquet, or {config}/{split}-... for a named configuration.
+_SHARD_NAME = r"(?P<split>[^/]+?)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*"
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _keyword_patterns(keyword: str) -> tuple[list[re.Pattern], list[re.Pattern]]
     return [re.compile(any_dirs + pattern) for pattern in in_dir], [re.compile(any_dirs + p) for p in in_file]
 
 
-def data_files(root: Path) -> dict[str, list[Path]]:
+def data_files(root: Path, shards_in: str = "data") -> dict[str, list[Path]]:
     """The data files of each split in a directory, by datasets' rules for a directory without README
     ``configs`` (``data_files._get_data_files_patterns``), the first rule that matches any file winning:
 
@@ -162,9 +163,10 @@ def data_files(root: Path) -> dict[str, list[Path]]:
         for path in root.rglob("*")
         if path.is_file() and _is_data_file(path.relative_to(root))
     )
+    shard = re.compile(f"{re.escape(shards_in)}/{_SHARD_NAME}" if shards_in else _SHARD_NAME)
     shards: dict[str, list[str]] = {}
     for path in found:
-        if match := _SHARD.fullmatch(path):
+        if match := shard.fullmatch(path):
             shards.setdefault(match["split"], []).append(path)
     if shards:
         return {split: [root / path for path in paths] for split, paths in shards.items()}
@@ -188,7 +190,7 @@ def _saved_splits(root: Path) -> list[str] | None:
     return ["train"] if (root / "state.json").is_file() else None
 
 
-def _directory_source(root: Path, role: str, split: str) -> SplitSource | None:
+def _directory_source(root: Path, role: str, split: str, shards_in: str = "data") -> SplitSource | None:
     """The split in a saved datasets directory or a directory of data files; None when it has no such split."""
     if (root / "dataset_dict.json").is_file():
         split_dir = root / split
@@ -200,27 +202,32 @@ def _directory_source(root: Path, role: str, split: str) -> SplitSource | None:
         raise DataError(f"dataset_name: both {top[0].name} and {top[1].name} in {root}; keep one")
     if top:
         return _files_source(top, role, split, str(top[0]))
-    files = data_files(root).get(split)
+    files = data_files(root, shards_in).get(split)
     return _files_source(files, role, split, f"{root} [{split}]") if files else None
 
 
-def _splits_in(root: Path) -> list[str]:
+def _splits_in(root: Path, shards_in: str = "data") -> list[str]:
     """Every split name a directory offers, for the message that says one is missing."""
     saved = _saved_splits(root)
     if saved is not None:
         return saved
     top = {p.name.removesuffix(_data_suffix(p)) for p in root.iterdir() if p.is_file() and _is_data_file(Path(p.name))}
-    return sorted(top | set(data_files(root)))
+    return sorted(top | set(data_files(root, shards_in)))
 
 
-def _local_config(name: str | None, path: Path, field: str) -> None:
-    """A local dataset has datasets' one default configuration: README ``configs`` are not read."""
-    if name not in (None, "default"):
-        raise DataError(
-            f"{field}: '{name}' names a configuration, but {path} is a local dataset, whose only "
-            f"configuration is 'default' (README configs are not read: point at that configuration's "
-            f"folder instead, or set it to null)"
-        )
+def _local_config(name: str | None, path: Path, field: str) -> tuple[Path, str]:
+    """Where a local dataset's configuration ``name`` is, as (root, the folder of its shards): the default one's
+    shards in ``data/``, a named one's in its own folder (what ``push_to_hub`` writes: ``<name>/<split>-NNNNN-
+    of-NNNNN.parquet``). README ``configs`` are not read."""
+    if name in (None, "default"):
+        return path, "data"
+    if path.is_dir() and (path / name).is_dir():
+        return path / name, ""
+    raise DataError(
+        f"{field}: '{name}' names a configuration, but the local dataset {path} has no folder '{name}' (a named "
+        f"configuration's files are in one; README configs are not read): point at that configuration's "
+        f"folder instead, or set it to null"
+    )
 
 
 def _looks_local(name: str, config: DPOPipelineConfig) -> bool:
@@ -267,16 +274,16 @@ def _member_source(entry: MixtureDataset, i: int, config: DPOPipelineConfig) -> 
     field = f"dataset_mixture.datasets[{i}]"
     path = config.resolve_path(entry.id)
     if path.exists():
-        _local_config(entry.config, path, f"{field}.config")
+        path, shards_in = _local_config(entry.config, path, f"{field}.config")
         single = path.is_file() or (path / "state.json").is_file()  # a file or a saved Dataset: train alone
         if single and entry.split != "train":
             source = None
         elif path.is_file():
             source = _file_source(path, "train", "train")
         else:
-            source = _directory_source(path, "train", entry.split)
+            source = _directory_source(path, "train", entry.split, shards_in)
         if source is None:
-            offered = _splits_in(path) if path.is_dir() else ["train"]
+            offered = _splits_in(path, shards_in) if path.is_dir() else ["train"]
             raise DataError(
                 f"{field}: '{entry.id}' has no split '{entry.split}'; its splits: {', '.join(offered) or 'none'}"
             )
@@ -327,20 +334,20 @@ def resolve_sources(config: DPOPipelineConfig) -> dict[str, SplitSource]:
     # Exactly one of the two is set (checked above), and it is not dataset_mixture.
     assert config.dataset_name is not None
     roles = _split_roles(config)
-    path = config.resolve_path(config.dataset_name)
+    path, shards_in = config.resolve_path(config.dataset_name), "data"
     if path.exists():
-        _local_config(config.dataset_config, path, "dataset_config")
+        path, shards_in = _local_config(config.dataset_config, path, "dataset_config")
     if path.is_file():
         sources = {"train": _file_source(path, "train", roles["train"])}
     elif path.is_dir():
         sources = {
             role: source
             for role, split in roles.items()
-            if (source := _directory_source(path, role, split)) is not None
+            if (source := _directory_source(path, role, split, shards_in)) is not None
         }
         if "train" not in sources:
             others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
-            split, offered = roles["train"], _splits_in(path)
+            split, offered = roles["train"], _splits_in(path, shards_in)
             hint = f" (set dataset_train_split to one of its splits: {', '.join(offered)})" if offered else ""
             raise DataError(
                 f"dataset_name: no '{split}' split (a {split}.jsonl/.json/.parquet/.arrow file, "
