@@ -88,6 +88,15 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+_ENDING_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def _job_preexec() -> None:
+    """In the child: the signal mask of the parent's spawn window is not the job's, then :func:`die_with_parent`."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _ENDING_SIGNALS)
+    die_with_parent()
+
+
 def stage_command(
     stage: str,
     config_path: Path,
@@ -237,20 +246,32 @@ def run_job(
     with storage_errors(log_path):  # an unwritable or full logs/ is one line, before any job starts
         log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        env=job_environment(device),
-        start_new_session=True,
-        preexec_fn=die_with_parent,
-    )
-    with _LOCK:
-        _LIVE_GROUPS.add(proc.pid)
+    env = job_environment(device)
+    # A SIGTERM or Ctrl-C between the start of the job and the `try` below would leave the job running, its
+    # group unknown to the `finally` that ends it: such a signal waits until the job is registered.
+    in_main = threading.current_thread() is threading.main_thread()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING_SIGNALS) if in_main else None
+    try:
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_job_preexec,
+        )
+        with _LOCK:
+            _LIVE_GROUPS.add(proc.pid)
+    except BaseException:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     timer = threading.Timer(timeout, _kill_group, args=(proc.pid,)) if timeout else None
     try:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is raised here
         if timer:
             timer.start()
         with storage_errors(log_path), open(log_path, "a") as log:
