@@ -66,6 +66,7 @@ SCHEMA = pa.schema(
 # ---------------------------------------------------------------------------------------------- fingerprint
 def tokenized_inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[str, SplitSource]) -> dict[str, Any]:
     """Every input of the tokenized artifact's fingerprint, in one place."""
+    truncation = Truncation.from_config(config)
     # The dataset options enter only when set, so that a config without them keeps its fingerprint (and reuses
     # its artifact). A mixture's datasets enter by content ("dataset"), its settings here.
     options = {
@@ -82,7 +83,7 @@ def tokenized_inputs(config: DPOPipelineConfig, model_dir: Path, sources: dict[s
         "dataset": {role: sources[role].content_hash() if role in sources else None for role in SPLIT_FILES},
         "tokenizer": tokenizer_hash(model_dir),
         # The resolved rule, not the raw fields: an unset truncation_mode means what the YAML's TRL version meant.
-        "truncation": {**asdict(Truncation.from_config(config)), "rule": Truncation.from_config(config).rule},
+        "truncation": {**asdict(truncation), "rule": truncation.rule},
         # The libraries that turn text into ids: an upgrade may tokenize or render templates differently.
         "libraries": {name: version(name) for name in ("tokenizers", "transformers")},
     }

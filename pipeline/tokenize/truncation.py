@@ -21,7 +21,7 @@ it cuts the prompt only when the pair is too long, and then caps completions at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.config import DPOPipelineConfig
 
@@ -40,10 +40,10 @@ class Truncation:
 
     @classmethod
     def from_config(cls, config: DPOPipelineConfig) -> Truncation:
-        legacy = config.max_prompt_length is not None or config.max_completion_length is not None
+        limits = cls(config.max_length, config.max_prompt_length, config.max_completion_length, "")
         # An unset mode means what the YAML's TRL version defaulted to: keep_end before 0.29, keep_start since.
-        mode = config.truncation_mode or ("keep_end" if legacy else "keep_start")
-        return cls(config.max_length, config.max_prompt_length, config.max_completion_length, mode)
+        default = "keep_end" if limits.rule == "trl<0.29" else "keep_start"
+        return replace(limits, truncation_mode=config.truncation_mode or default)
 
     @property
     def rule(self) -> str:
