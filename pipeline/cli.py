@@ -216,5 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def process_main() -> int:
+    """The process's entry point (``python -m pipeline.cli``, the ``dpo-pipeline`` script): :func:`main`, then the
+    process group ended before the interpreter exits. :func:`main` alone leaves the group to its caller, which
+    may run more stages in the same process."""
+    try:
+        return main()
+    finally:
+        if "pipeline.distributed" in sys.modules:  # a stage ran here; the Prefect process never imports torch
+            sys.modules["pipeline.distributed"].end_distributed()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main())

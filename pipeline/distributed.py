@@ -137,6 +137,15 @@ def init_distributed(config=None) -> None:
     deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if on_gpu() else "gloo", timeout=timeout)
 
 
+def end_distributed() -> None:
+    """Destroy the process group before the interpreter exits. Left to finalisation, gloo's worker threads can
+    still hold work whose tensors need the GIL while Python tears down, and the rank dies of SIGABRT
+    ("terminate called without an active exception", pytorch/pytorch#190489) after its work is done; NCCL
+    warns and can block a peer. Local, not collective: safe on the error path too."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def configure_cuda_numerics(config) -> None:
     """TF32 matmuls (bf16/fp32 training on Ampere+ loses nothing that matters, gains up to 8x over fp32), and
     no cuDNN attention for SDPA unless the user picked an attention implementation: on torch 2.13 with H100/H200
