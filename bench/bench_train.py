@@ -188,7 +188,8 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(work: Path, case: str, steps: int, zero3_config: str) -> dict:
+def run_ours(work: Path, case: str, steps: int, zero3_config: str, **overrides) -> dict:
+    """Our side of ``case``; ``overrides`` go to :func:`our_config` (bench_lora.py's LoRA fields)."""
     import shutil
 
     from pipeline.distributed import all_gather_objects
@@ -206,7 +207,7 @@ def run_ours(work: Path, case: str, steps: int, zero3_config: str) -> dict:
         return record
 
     DPOTrainingRecipe.train_step = timed_step
-    config = our_config(work, case, steps, zero3_config)
+    config = our_config(work, case, steps, zero3_config, **overrides)
     shutil.rmtree(Plan.of(config).train_dir, ignore_errors=True)
     run = train_stage(config)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -220,7 +221,8 @@ def run_ours(work: Path, case: str, steps: int, zero3_config: str) -> dict:
     }
 
 
-def run_trl(work: Path, case: str, steps: int, *, precompute: bool) -> dict:
+def run_trl(work: Path, case: str, steps: int, *, precompute: bool, peft_config=None) -> dict:
+    """TRL's side of ``case``; ``peft_config`` (a peft ``LoraConfig``) goes to ``DPOTrainer`` (bench_lora.py)."""
     import datasets
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -266,6 +268,7 @@ def run_trl(work: Path, case: str, steps: int, *, precompute: bool) -> dict:
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(work / "model"),
         callbacks=[timer],
+        peft_config=peft_config,
     )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -301,9 +304,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def run_side(work: Path, side: str, case: str, args: argparse.Namespace) -> dict:
+def run_side(work: Path, side: str, case: str, args: argparse.Namespace, script_path: str = __file__) -> dict:
+    """``side`` of ``case`` in a subprocess of ``script_path`` (this script, or one whose children it runs)."""
     script = [
-        str(Path(__file__).resolve()),
+        str(Path(script_path).resolve()),
         "--side",
         side,
         "--case",

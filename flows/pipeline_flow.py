@@ -48,6 +48,7 @@ from pipeline.config import DPOPipelineConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.lock import output_dir_lock
 from pipeline.plan import Plan
+from pipeline.trackers import check_trackers
 
 if TYPE_CHECKING:
     from prefect.flows import FlowStateHook
@@ -106,6 +107,7 @@ def train_flow(
 ) -> str:
     """Training from the cached reference log-probs (returns the run directory)."""
     config = load_config(config_path, overrides)
+    check_trackers(config)
     with output_dir_lock(config):
         run_dir = _train(config, Plan.of(config), job_timeout_s)
         publish_report(config, run_dir)
@@ -121,6 +123,7 @@ def dpo_pipeline(
     """tokenize -> reference pass -> train. ``overrides`` are config values (``{"beta": 0.2}``) applied over
     ``config_path``; ``job_timeout_s`` bounds each DeepSpeed job. Returns the artifact directories."""
     config = load_config(config_path, overrides)
+    check_trackers(config)  # a report_to tracker that is not installed fails the run before any tokenizing
     with output_dir_lock(config):
         plan = Plan.of(config)  # every artifact's place, worked out once for the run
         paths = {"tokenized": _tokenize(config, plan)}

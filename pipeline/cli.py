@@ -189,10 +189,12 @@ def _record_error(path: str, error: PipelineError) -> None:
 def quiet_library_warnings() -> None:
     """Warnings that name no setting of the user's: DeepSpeed 0.19's calls of the torch collectives torch 2.13
     deprecates (``reduce_scatter_tensor``, ``all_gather_into_tensor``) warn on every ZeRO step, 190 lines in a
-    5-step run. Everything else still shows."""
+    5-step run; peft's call of transformers' renamed ``is_gradient_checkpointing``. Everything else still shows."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+    # peft 0.21 asks transformers 5.23 the old name on every get_peft_model
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`is_gradient_checkpointing` is deprecated")
 
 
 def main(argv: list[str] | None = None) -> int:

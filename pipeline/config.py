@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # what report_to can name (pipeline/trackers.py), besides all / none
 
 
 class MixtureDataset(BaseModel):
@@ -166,6 +167,37 @@ class DPOPipelineConfig(BaseModel):
     # (null or auto: bf16's; float16 is refused: fp16 training is not supported).
     dtype: Literal["auto", "bfloat16", "float32", "float16"] | None = None
 
+    # --- LoRA / QLoRA (TRL ModelConfig names; peft) ---
+    # Train low-rank adapters on the frozen base model instead of every weight. The reference is the base model,
+    # scored once by the reference pass, so training never runs an adapter-disabled second forward.
+    use_peft: bool = False
+    lora_r: int = 16  # the adapters' rank
+    lora_alpha: int = 32  # the adapters' scale numerator: delta W = (lora_alpha / lora_r) * B @ A
+    lora_dropout: float = 0.05  # dropout on the adapter branch only (the base model's dropout stays off)
+    # Module names (suffixes) that get adapters, or "all-linear" (null: peft's default for the architecture).
+    lora_target_modules: list[str] | str | None = None
+    lora_target_parameters: list[str] | None = None  # parameter names (e.g. MoE experts) that get adapters (peft)
+    lora_modules_to_save: list[str] | None = None  # modules trained in full beside the adapters, e.g. [lm_head]
+    use_rslora: bool = False  # rank-stabilised LoRA: scale lora_alpha / sqrt(lora_r) instead of / lora_r
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA): a trained magnitude per output beside the adapter
+    # QLoRA: the base model loaded quantised by bitsandbytes (CUDA GPUs), in the reference pass and in training
+    # alike, so the reference log-probs are those of the very base the adapters train on.
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False  # 8-bit (LLM.int8) base weights instead (bitsandbytes)
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # the 4-bit data type
+    use_bnb_nested_quant: bool = False  # quantise the quantisation constants too (~0.4 bits/parameter less)
+    bnb_4bit_quant_storage: str | None = None  # the dtype 4-bit weights are stored in (null: uint8)
+    # Also write final_model_merged/ (the base with the adapters merged in, loadable with AutoModelForCausalLM)
+    # beside final_model/ (the adapter alone, loadable with PeftModel.from_pretrained).
+    save_merged_model: bool = False
+
+    # --- experiment trackers (TrainingArguments names) ---
+    # Where metrics also go: "none", "all" (every installed one), or a list of tensorboard, wandb, mlflow.
+    # wandb runs offline unless WANDB_MODE / WANDB_API_KEY say otherwise; mlflow logs to MLFLOW_TRACKING_URI
+    # or a file store in the run dir; both name the run run_name.
+    report_to: str | list[str] = "none"
+    logging_dir: str | None = None  # TensorBoard's event files (null: <run dir>/runs)
+
     # --- pipeline-only ---
     # Where the model runs. auto: CUDA when present, else CPU; cuda: refuse to start without a GPU (a GPU job
     # must never fall back to CPU silently); cpu: never touch a GPU.
@@ -243,6 +275,35 @@ class DPOPipelineConfig(BaseModel):
             raise ValueError("must be > 0")
         return v
 
+    @field_validator("lora_r", "lora_alpha")
+    @classmethod
+    def _positive_lora(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("lora_dropout")
+    @classmethod
+    def _dropout_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, v: Any) -> Any:
+        # TrainingArguments takes one name, a list, or null; "none" anywhere means none.
+        names = [] if v is None else [v] if isinstance(v, str) else list(v)
+        names = [str(name).strip().lower() for name in names]
+        unknown = [name for name in names if name not in TRACKERS + ("none", "all")]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a tracker this pipeline reports to; use {', '.join(TRACKERS)}, all or none"
+            )
+        if not names or "none" in names:
+            return "none"
+        return names[0] if isinstance(v, str) else names  # as written: a TRL YAML's list stays a list
+
     @field_validator("logging_steps", "eval_steps", "save_steps")
     @classmethod
     def _steps_or_ratio(cls, v: int | float | None) -> int | float | None:
@@ -318,6 +379,24 @@ class DPOPipelineConfig(BaseModel):
             raise ValueError("rdzv_endpoint: num_nodes > 1 with launcher torchrun needs node 0's host:port")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("num_train_epochs: set num_train_epochs > 0 or max_steps > 0")
+        if self.sync_ref_model and self.use_peft:
+            for key in ("lora_modules_to_save", "use_dora", "load_in_4bit", "load_in_8bit"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"{key}: TR-DPO with adapters mixes base + adapter delta into the reference, which needs "
+                        f"plain LoRA on an unquantised base; unset {key}, or set sync_ref_model: false"
+                    )
+        if self.sync_ref_model and self.use_peft and self.save_reference_versions:
+            raise ValueError(
+                "save_reference_versions: with use_peft each reference version is the base plus the (alpha, adapter) "
+                "chain in references/v<k>/adapter_model.safetensors; set save_reference_versions: false"
+            )
+        if self.save_merged_model and not self.use_peft:
+            raise ValueError("save_merged_model: only adapters are merged (use_peft); final_model is the full model")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit: choose one quantisation of the base model")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError("load_in_4bit / load_in_8bit: a quantised base is trained through adapters; set use_peft")
         if self.dtype == "float16":
             raise ValueError("dtype: float16 training is not supported; use dtype: bfloat16 with bf16: true")
         if self.dtype == "bfloat16" and not self.bf16:

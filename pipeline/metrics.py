@@ -1,10 +1,11 @@
 """Training metrics on disk: ``metrics.jsonl``, the PNG plots and ``summary.json`` of a training run dir.
 
 * ``metrics.jsonl``: one JSON object per line. A train record has ``step`` (optimizer steps done, 1-based),
-  ``epoch``, the loss and each loss term, ``rewards/*``, ``logps/*``, ``learning_rate``, ``grad_norm`` and
-  ``tokens_per_second``; an eval record has ``step`` and ``eval_*`` keys. Lines are appended as training goes
-  (so a crashed run keeps its curve) and :meth:`MetricsLog.restart` cuts the file back to a checkpoint's step
-  on resume, so a resumed run's file equals an uninterrupted run's (a half-written last line is dropped).
+  ``epoch``, the loss and each loss term, ``rewards/*``, ``logps/*``, ``learning_rate``, ``grad_norm``,
+  ``padding_fraction`` and the throughput of :data:`TIMED_KEYS`; an eval record has ``step`` and ``eval_*``
+  keys. Lines are appended as training goes (so a crashed run keeps its curve) and :meth:`MetricsLog.restart`
+  cuts the file back to a checkpoint's step on resume, so a resumed run's file equals an uninterrupted run's
+  (a half-written last line is dropped).
 * plots: ``plots/loss.png``, ``plots/reward_accuracy.png``, ``plots/reward_margins.png``, train and eval
   curves on one axis each (matplotlib, Agg backend: no display needed).
 * ``summary.json``: the final train and eval metrics, fingerprints and paths. It is not part of the
@@ -21,6 +22,9 @@ from pipeline.artifacts import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.errors import ArtifactError
 
 METRICS_FILE = "metrics.jsonl"
+# The keys of a train record measured by the clock (pipeline/throughput.py): the rest of a record is a function
+# of the config and the data, equal bit for bit between a run and its resumed or re-ranked twin.
+TIMED_KEYS = ("tokens_per_second", "tokens_per_second_per_device", "tflops_per_device", "mfu", "step_seconds")
 SUMMARY_FILE = "summary.json"
 PLOTS_DIR = "plots"
 # plot file -> (title, train key, eval key)

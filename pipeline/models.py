@@ -51,11 +51,48 @@ def code_kwargs(config: DPOPipelineConfig) -> dict[str, bool]:
 
 def model_kwargs(config: DPOPipelineConfig) -> dict[str, object]:
     """What every ``AutoModelForCausalLM.from_pretrained`` is given besides the dtype (policy and reference alike:
-    the reference pass and training must run the same attention implementation)."""
+    the reference pass and training must run the same attention implementation and the same quantised base)."""
     kwargs: dict[str, object] = {**code_kwargs(config)}
     if config.attn_implementation is not None:
         kwargs["attn_implementation"] = config.attn_implementation
+    if config.load_in_4bit or config.load_in_8bit:
+        kwargs.update(quantization_kwargs(config))
     return kwargs
+
+
+def quantization_kwargs(config: DPOPipelineConfig) -> dict[str, object]:
+    """QLoRA's base: bitsandbytes 4-bit (or 8-bit) weights computing in the training dtype, as TRL's
+    ``get_quantization_config`` builds it; each rank's copy on its own device (``device_map``), since quantised
+    weights cannot be moved after loading as DeepSpeed moves a module."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    key = "load_in_4bit" if config.load_in_4bit else "load_in_8bit"
+    try:
+        import bitsandbytes  # noqa: F401 -- transformers needs it to quantise; say so before the model loads
+    except ImportError:
+        raise ConfigError(
+            f"{key}: the quantised base needs bitsandbytes; pip install 'dpo-pipeline[qlora]', or set {key}: false"
+        ) from None
+    from pipeline.distributed import device, on_gpu
+    from pipeline.ds_config import qlora_needs_cuda
+
+    if not on_gpu():  # a job that landed on a CPU node (the config check sees only this machine)
+        raise ConfigError(qlora_needs_cuda(config))
+
+    compute = torch.bfloat16 if config.bf16 else torch.float32
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=config.bnb_4bit_quant_storage or torch.uint8,
+        )
+        if config.load_in_4bit
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    return {"quantization_config": quantization, "device_map": {"": device()}}
 
 
 __all__ = ["code_kwargs", "model_kwargs", "resolve_model_dir"]

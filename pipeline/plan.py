@@ -64,6 +64,8 @@ NOT_ARTIFACT_FIELDS = frozenset(
         "eval_on_start",
         "run_name",
         "log_level",
+        "report_to",  # where metrics also go
+        "logging_dir",
         "save_strategy",  # as save_steps
         "dtype",  # must agree with bf16, which decides the training dtype
         "save_steps",

@@ -106,6 +106,29 @@ ALTERNATIVES = {
     "model_revision": "v2",
     "trust_remote_code": True,
     "dtype": "float32",
+    "use_peft": True,
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.1,
+    "lora_target_modules": ["q_proj"],
+    "lora_target_parameters": ["mlp.experts.down_proj"],
+    "lora_modules_to_save": ["lm_head"],
+    "use_rslora": True,
+    "use_dora": True,
+    "save_merged_model": {"use_peft": True, "save_merged_model": True},
+    # QLoRA is refused where jobs run on CPU here; a Slurm job runs elsewhere (on the GPU nodes).
+    "load_in_4bit": {"use_peft": True, "load_in_4bit": True, "launcher": "slurm"},
+    "load_in_8bit": {"use_peft": True, "load_in_8bit": True, "launcher": "slurm"},
+    "bnb_4bit_quant_type": {"use_peft": True, "load_in_4bit": True, "launcher": "slurm", "bnb_4bit_quant_type": "fp4"},
+    "use_bnb_nested_quant": {"use_peft": True, "load_in_4bit": True, "launcher": "slurm", "use_bnb_nested_quant": True},
+    "bnb_4bit_quant_storage": {
+        "use_peft": True,
+        "load_in_4bit": True,
+        "launcher": "slurm",
+        "bnb_4bit_quant_storage": "bfloat16",
+    },
+    "report_to": "tensorboard",
+    "logging_dir": "tb",
 }
 
 

@@ -24,6 +24,7 @@ from pipeline.config import REPO_ROOT, save_config
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.launch import job_environment, run_stage
 from pipeline.logprobs import collate_pairs, completion_logps
+from pipeline.metrics import TIMED_KEYS
 from pipeline.plan import Plan
 from pipeline.reference.stage import compute_reference_logps, reference_stage
 from pipeline.schedule import TrainingSchedule
@@ -33,7 +34,7 @@ from pipeline.train.stage import read_summary, train_stage, update_summary
 
 CONFIGS = REPO_ROOT / "configs"
 TRAIN = dict(max_steps=4, eval_steps=2, per_device_eval_batch_size=16, deepspeed=str(CONFIGS / "ds_zero2.json"))
-TIMING = ("tokens_per_second", "step_seconds")
+TIMING = TIMED_KEYS
 
 
 @pytest.fixture(scope="module", autouse=True)

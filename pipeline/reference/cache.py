@@ -43,7 +43,18 @@ SCHEMA_VERSION = 1
 SPLITS = tuple(SPLIT_FILES)  # "train", "eval"
 # The config fields the artifact depends on besides the tokenized artifact and the weights: the dtype it
 # scores in (:func:`dtype_name`) and which splits it scores (:func:`scored_splits`).
-REFERENCE_FIELDS = frozenset({"bf16", "sync_ref_model"})
+REFERENCE_FIELDS = frozenset(
+    {
+        "bf16",
+        "sync_ref_model",
+        # QLoRA: the reference is the quantised base the adapters train on (dtype_name says which)
+        "load_in_4bit",
+        "load_in_8bit",
+        "bnb_4bit_quant_type",
+        "use_bnb_nested_quant",
+        "bnb_4bit_quant_storage",
+    }
+)
 
 SCHEMA = pa.schema(
     [
@@ -63,8 +74,16 @@ NAMED_IDS = 5  # ids quoted in an error message
 
 # ---------------------------------------------------------------------------------------------- fingerprint
 def dtype_name(config: DPOPipelineConfig) -> str:
-    """The dtype the reference model scores in: bf16 when ``bf16`` is set, else fp32."""
-    return "bfloat16" if config.bf16 else "float32"
+    """The dtype the reference model scores in: bf16 when ``bf16`` is set, else fp32; a quantised base (QLoRA)
+    adds its bitsandbytes format, e.g. ``nf4-nested/bfloat16``."""
+    compute = "bfloat16" if config.bf16 else "float32"
+    if config.load_in_8bit:
+        return f"int8/{compute}"
+    if config.load_in_4bit:
+        nested = "-nested" if config.use_bnb_nested_quant else ""
+        storage = f"-{config.bnb_4bit_quant_storage}" if config.bnb_4bit_quant_storage else ""
+        return f"{config.bnb_4bit_quant_type}{nested}{storage}/{compute}"
+    return compute
 
 
 def scored_splits(config: DPOPipelineConfig, present: Sequence[str]) -> list[str]:

@@ -101,7 +101,10 @@ from pipeline.ranks import is_main_process, rank, world_size
 from pipeline.reference.cache import KIND as REFERENCE_KIND
 from pipeline.reference.cache import ReferenceLogps, check_made_from, load_reference_logps
 from pipeline.schedule import Cadence, TrainingSchedule
+from pipeline.throughput import COUNTS, ModelFlops, StepThroughput, batch_counts, peak_flops
 from pipeline.tokenize.artifact import SPLIT_FILES, load_tokenized, require_tokenized, tokenized_manifest
+from pipeline.trackers import Trackers, check_trackers, flatten_params
+from pipeline.train.lora import MERGED_MODEL, add_adapters, save_merged, trainable_state_dict
 from pipeline.train.tr_dpo import TRDPOWindows
 
 log = logging.getLogger(__name__)
@@ -174,14 +177,14 @@ class MetricSums:
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
         self.pairs = torch.zeros((), dtype=torch.float64, device=device)
-        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(COUNTS), dtype=torch.float64, device=device)  # pipeline.throughput's
 
-    def add(self, metrics: dict[str, torch.Tensor], pairs: int, tokens: torch.Tensor | int) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], pairs: int, counts: torch.Tensor) -> None:
         for name, value in metrics.items():
             weighted = value.detach().double() * pairs
             self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
         self.pairs += pairs
-        self.tokens += tokens
+        self.counts += counts
 
     def add_names(self, names) -> None:
         """Zeros under ``names`` (a rank whose evaluation had only stand-in batches must still reduce them)."""
@@ -189,12 +192,14 @@ class MetricSums:
             self.sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=self.device))
 
     def reduced(self) -> torch.Tensor:
-        """[sum of each metric..., pairs, tokens] summed over ranks, still on the device."""
-        return _all_reduce_sum(torch.stack([*self.sums.values(), self.pairs, self.tokens]))
+        """[sum of each metric..., pairs, counts...] summed over ranks, still on the device."""
+        return _all_reduce_sum(torch.cat([torch.stack([*self.sums.values(), self.pairs]), self.counts]))
 
-    def means(self) -> tuple[dict[str, float], int]:
+    def means(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The metrics' pair-weighted means and the summed throughput counts (by :data:`COUNTS` name)."""
         values = self.reduced().tolist()
-        return {name: values[i] / values[-2] for i, name in enumerate(self.sums)}, int(values[-1])
+        pairs, counts = values[len(self.sums)], values[len(self.sums) + 1 :]
+        return {name: values[i] / pairs for i, name in enumerate(self.sums)}, dict(zip(COUNTS, counts, strict=True))
 
 
 def _policy_logps(out) -> PairLogps:
@@ -205,6 +210,16 @@ def _policy_logps(out) -> PairLogps:
     )
     wpo = out.halves("wpo_log_weights") if out.wpo_log_weights is not None else (None, None)
     return PairLogps(chosen, rejected, chosen_len, rejected_len, chosen_pub, rejected_pub, *wpo)
+
+
+def _throughput_summary(records: list[dict[str, Any]], peak: dict[str, Any]) -> dict[str, Any]:
+    """The run's typical step: medians over its logged steps (the first, which warms kernels up, left out when
+    there are others), and the peak MFU was measured against."""
+    steps = [r for r in records if "tokens_per_second" in r]
+    steps = steps[1:] if len(steps) > 1 else steps
+    keys = ("tokens_per_second", "tokens_per_second_per_device", "tflops_per_device", "mfu", "padding_fraction")
+    medians = {key: float(np.median([r[key] for r in steps])) for key in keys if steps and key in steps[0]}
+    return {**medians, **peak}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -223,9 +238,10 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     def matrix(p: torch.nn.Parameter) -> bool:
         return len(getattr(p, "ds_shape", p.shape)) >= 2
 
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters, not the frozen base
     groups = [
-        {"params": [p for p in model.parameters() if matrix(p)], "weight_decay": weight_decay},
-        {"params": [p for p in model.parameters() if not matrix(p)], "weight_decay": 0.0},
+        {"params": [p for p in trainable if matrix(p)], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if not matrix(p)], "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 
@@ -379,6 +395,9 @@ class DPOTrainingRecipe:
         self.last_eval_step: int | None = None
         self.loss_state = LossState(all_reduce_sum=_all_reduce_sum if self.world > 1 else None)
         self.started = time.perf_counter()  # train_stage sets it earlier, before the data checks
+        self.throughput: StepThroughput  # from setup() on (it needs the engine's module and device)
+        self.peak: dict[str, Any] = {}
+        self.trackers = Trackers([])  # the main process's, from setup() on (report_to)
 
     # ------------------------------------------------------------------ setup
     def _check_resumable(self, checkpoint: Path) -> None:
@@ -429,6 +448,8 @@ class DPOTrainingRecipe:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False} if kwargs is None else kwargs
             )
+        if self.config.use_peft:
+            model = add_adapters(model, self.config)  # after the dropout loop: lora_dropout keeps its value
         groups = weight_decay_groups(model, self.config.weight_decay)
         # The ds_config's optimizer / scheduler sections win over optim / lr_scheduler_type, as in the HF Trainer.
         optimizer = None if "optimizer" in self.ds_config else client_optimizer(groups, self.config)
@@ -468,30 +489,45 @@ class DPOTrainingRecipe:
                 client,
                 self.step,
             )
+        barrier()  # CPU ranks measure their matmul peak together, as they will share the cores in training
+        peak, peak_source = peak_flops(self.engine.device, torch.bfloat16 if self.config.bf16 else torch.float32)
+        self.throughput = StepThroughput(ModelFlops.of(self.engine.module), peak, self.world)
         if is_main_process():
+            log.info("MFU is measured against %s", peak_source)
+            self.peak = {"peak_flops_per_device": peak, "peak_source": peak_source}
             self.metrics.restart(through_step=self.step)  # drop lines of steps the resumed run will redo
+            self.trackers = Trackers.open(self.config, self.run_dir, params=self._run_params(), resume_step=self.step)
         barrier()
+
+    def _run_params(self) -> dict[str, Any]:
+        """What a tracker records of the run: every config value and the artifacts' fingerprints."""
+        return {
+            **flatten_params(json.loads(self.config.to_json())),
+            "fingerprints/train": self.plan.train_fingerprint,
+            "fingerprints/tokenized": self.plan.tokenized_fingerprint,
+            **{f"fingerprints/reference_{split}": path.name for split, path in self.reference_dirs.items()},
+        }
 
     # ------------------------------------------------------------------ steps
     def _forward_loss(self, ids: np.ndarray, pairs: PreferencePairs, state: LossState):
         batch, ref = pairs.batch(ids)
         out = completion_logps(self.engine, batch, with_wpo_weights=self.spec.use_weighting)
         loss, metrics = compute_loss(_policy_logps(out), ref, self.spec, state)
-        return loss, metrics, batch.num_tokens
+        return loss, metrics, batch_counts(batch.attention_mask, batch.completion_lengths)
 
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
         learning_rate = self.engine.get_lr()[0]
         sums = MetricSums(self.engine.device)
         for ids in self.schedule.micro_batches(step, self.rank, self.world, self.config.gradient_accumulation_steps):
-            loss, metrics, n_tokens = self._forward_loss(ids, self.train, self.loss_state)
+            loss, metrics, counts = self._forward_loss(ids, self.train, self.loss_state)
             if step + 1 == _INJECTED_NONFINITE_STEP:
                 loss = loss * float("nan")
                 metrics = {**metrics, "loss": loss.detach()}
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
-            sums.add(metrics, len(ids), n_tokens)
-        means, tokens = sums.means()
+            sums.add(metrics, len(ids), counts)
+        means, counts = sums.means()  # the host transfer: the step's device work is done
         seconds = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
         record = {
@@ -500,7 +536,13 @@ class DPOTrainingRecipe:
             **means,
             "learning_rate": learning_rate,
             **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-            "tokens_per_second": tokens / seconds,
+            **self.throughput.metrics(
+                tokens=counts["tokens"],
+                padded_positions=counts["padded_positions"],
+                seconds=seconds,
+                seq_len=counts["squared_lengths"] / counts["tokens"],
+                logit_tokens=counts["logit_tokens"],
+            ),
             "step_seconds": seconds,
         }
         self._stop_if_diverged(record)
@@ -543,9 +585,9 @@ class DPOTrainingRecipe:
             # Under ZeRO-3 a forward gathers parameters collectively: a rank out of examples scores a stand-in.
             state = LossState()  # a frozen copy of the BCO mean, local: ranks may hold different counts here
             state.load_state_dict(self.loss_state.state_dict())
-            _, metrics, n_tokens = self._forward_loss(mine if len(mine) else ids[:1], evaluation, state)
+            _, metrics, counts = self._forward_loss(mine if len(mine) else ids[:1], evaluation, state)
             if len(mine):
-                sums.add(metrics, len(mine), n_tokens)
+                sums.add(metrics, len(mine), counts)
             else:
                 sums.add_names(metrics)
         means, _ = sums.means()
@@ -572,6 +614,8 @@ class DPOTrainingRecipe:
                     window_logps = self.tr_dpo.before_step(self.step)  # a sync when the step opens a window
                     if window_logps is not None:
                         self.train.reference = window_logps
+                        if is_main_process():
+                            self.trackers.event("tr_dpo/sync", self.step, self.tr_dpo.last_sync)
                 record = self.train_step(self.step)
                 self.step += 1
                 bar.update()
@@ -590,6 +634,7 @@ class DPOTrainingRecipe:
     def _log(self, record: dict[str, Any]) -> None:
         if is_main_process():
             self.metrics.append(record)
+            self.trackers.log(record)
 
     # ------------------------------------------------------------------ checkpoints
     def _has_checkpoint(self, step: int) -> bool:
@@ -614,7 +659,14 @@ class DPOTrainingRecipe:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         with _checkpoint_storage(directory):
-            self.engine.save_checkpoint(str(self.checkpoint_root), tag=tag, save_latest=False, client_state=client)
+            self.engine.save_checkpoint(
+                str(self.checkpoint_root),
+                tag=tag,
+                save_latest=False,
+                client_state=client,
+                # LoRA: the frozen base is the model directory's, unchanged; a checkpoint holds the adapters.
+                exclude_frozen_parameters=self.config.use_peft,
+            )
             if self.tr_dpo is not None:
                 self.tr_dpo.started_slices().save(directory)
             with atomic_path(directory / f"rng-rank{self.rank}.pt") as tmp:
@@ -642,7 +694,9 @@ class DPOTrainingRecipe:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _load_checkpoint(self, path: Path) -> dict:
-        load_path, client = self.engine.load_checkpoint(str(self.checkpoint_root), tag=path.name)
+        load_path, client = self.engine.load_checkpoint(
+            str(self.checkpoint_root), tag=path.name, load_module_strict=not self.config.use_peft
+        )
         if load_path is None:
             raise ArtifactError(f"DeepSpeed could not load checkpoint {path}; delete it to start from the previous one")
         self.step = int(client["step"])
@@ -656,13 +710,19 @@ class DPOTrainingRecipe:
 
     # ------------------------------------------------------------------ saving the policy
     def save_policy(self, out: Path) -> None:
-        """The policy and tokenizer as a Hugging Face model directory (ZeRO-3: gathered to the main process)."""
-        if zero_stage(self.ds_config) == 3:
+        """The policy and tokenizer as a Hugging Face model directory (ZeRO-3: gathered to the main process);
+        with LoRA the adapter (``PeftModel.save_pretrained``), and on request the merged model beside it."""
+        zero3 = zero_stage(self.ds_config) == 3
+        if self.config.use_peft:
+            state = trainable_state_dict(self.engine.module, zero3)
+        elif zero3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # any dtype, despite the name
         else:
             state = self.engine.module.state_dict() if is_main_process() else None
         if is_main_process():  # the other ranks go on: whoever reads the model next is rank 0 or waits for it
             _save_hf(self.engine.module, state, out, self.model_dir, self.config.trust_remote_code)
+            if self.config.use_peft and self.config.save_merged_model:
+                save_merged(out, self.run_dir / MERGED_MODEL, self.model_dir, self.config)
 
     def finish(self) -> None:
         """Final eval (unless the last step just had one), final model, plots, summary, manifest (last)."""
@@ -702,6 +762,7 @@ class DPOTrainingRecipe:
             },
             "paths": {
                 "model": str(model_dir),
+                **({"merged_model": str(self.run_dir / MERGED_MODEL)} if self.config.save_merged_model else {}),
                 "metrics": str(self.run_dir / METRICS_FILE),
                 "plots": plots,
                 "tokenized": str(self.plan.tokenized_dir),
@@ -710,10 +771,13 @@ class DPOTrainingRecipe:
             # This call of the stage, from the start (data checks, model load) to here; a resumed run counts its
             # last call only.
             "stage_seconds": round(time.perf_counter() - self.started, 3),
+            "throughput": _throughput_summary(records, self.peak),
             **(self.tr_dpo.summary() if self.tr_dpo is not None else {}),
         }
         atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
-        files = [str(p.relative_to(self.run_dir)) for p in sorted(model_dir.iterdir())]
+        self.trackers.close(summary)
+        models = [model_dir, *([self.run_dir / MERGED_MODEL] if self.config.save_merged_model else [])]
+        files = [str(p.relative_to(self.run_dir)) for d in models if d.is_dir() for p in sorted(d.iterdir())]
         files += [METRICS_FILE, *(str(Path(p).relative_to(self.run_dir)) for p in plots.values())]
         write_manifest(
             self.run_dir,
@@ -749,6 +813,8 @@ def train_stage(
     if main_decides(lambda: is_complete(run_dir, kind=KIND, fingerprint=plan.train_fingerprint)):
         log.info("training run %s is complete (same inputs): nothing to do", run_dir)
         return run_dir
+    if is_main_process():
+        check_trackers(config)  # a tracker that is not installed: one line now, not after the model loads
     started = time.perf_counter()
     recipe = DPOTrainingRecipe(config, plan, train_reference_dir=train_reference_dir)
     recipe.started = started
@@ -760,6 +826,10 @@ def train_stage(
         if recipe.step >= recipe.schedule.num_steps:
             recipe.finish()
             log.info("training run written to %s", run_dir)
+    except BaseException:
+        recipe.trackers.close(failed=True)
+        raise
     finally:
+        recipe.trackers.close()  # a stop before the end: the run goes on in the next call
         recipe.engine.destroy()
     return run_dir

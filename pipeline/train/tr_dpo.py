@@ -48,6 +48,7 @@ across the window's steps). The slices' host copy costs 2-4 bytes per parameter 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -60,6 +61,7 @@ import torch
 from pipeline.artifacts import (
     atomic_path,
     expected_fingerprint,
+    hash_file,
     model_weights_hash,
     read_manifest,
     write_manifest,
@@ -96,9 +98,13 @@ class ReferenceSlices:
     def __init__(self, engine, zero3: bool, *, on_device: bool):
         self.engine, self.zero3 = engine, zero3
         self.rank, self.world = rank(), world_size()
-        self.params = [(name, p) for name, p in engine.module.named_parameters()]
+        self.params = list(self._parameters())
         self.storage = device() if on_device or not on_gpu() else torch.device("cpu")
         self.slices = [self._copy(self._policy_slice(p)) for _, p in self.params]
+
+    def _parameters(self):
+        """The parameters whose reference differs from the policy's: all of them."""
+        return self.engine.module.named_parameters()
 
     # ------------------------------------------------------------------ layout
     def _chunk(self, p) -> int:
@@ -144,8 +150,25 @@ class ReferenceSlices:
         """Every rank's slice digest, in rank order (what a version manifest records and a resume checks)."""
         return all_gather_objects(_digest(self.slices))
 
-    def policy_digests(self) -> list[str]:
-        return all_gather_objects(_digest([self._policy_slice(p) for _, p in self.params]))
+    def sync(self, alpha: float, version: Path) -> str:
+        """Mix the policy into the reference (version ``version``'s directory); return the digest of the policy
+        weights mixed in."""
+        digests = all_gather_objects(_digest([self._policy_slice(p) for _, p in self.params]))
+        self.mix(alpha)
+        return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+    def restore(self, checkpoint: Path, versions: list[dict[str, Any]], run_dir: Path) -> None:
+        """The slices of the last of ``versions`` (their manifests, v0 first), as ``checkpoint`` saved them."""
+        self.load(checkpoint, versions[-1]["slice_digests"])
+
+    @contextlib.contextmanager
+    def reference_in_engine(self):
+        """The engine computes the reference inside the block, and the policy again after it, bit for bit."""
+        stash = self.swap_in()
+        try:
+            yield
+        finally:
+            self.swap_out(stash)
 
     # ------------------------------------------------------------------ swapping into the engine
     def _write(self, p, values: torch.Tensor) -> None:
@@ -238,6 +261,123 @@ class ReferenceSlices:
             (out / "config.json").write_text((model_dir / "config.json").read_text())
 
 
+class AdapterReferenceSlices(ReferenceSlices):
+    """TR-DPO's reference beside a LoRA policy: the reference is ``base + D`` and only the weights that carry
+    adapters can differ from the base, so the slices cover those base weights alone (the rest of the reference
+    *is* the frozen base the engine holds). A sync mixes the merged policy, ``W + s * B @ A`` (``s`` peft's
+    scaling), computed slice by slice from the rows of ``B`` that the slice spans, so no rank ever builds a
+    merged weight; re-scoring writes ``W + D`` into the base weights and disables the adapters.
+
+    On disk the versions are the chain of adapters, ``references/v<k>/adapter_model.safetensors`` (what was
+    mixed in at sync k, with alpha in the version manifest), not dense slices: a checkpoint then holds the
+    adapters and their optimizer state only (a 70B all-linear reference would be ~130 GB of slices per
+    checkpoint; its chain is ~40 MB per version). A resume rebuilds the slices from the base and the chain by
+    the same float32 mix in the same order, which gives the same bits (checked against the digests the version
+    recorded)."""
+
+    ADAPTER_FILE = "adapter_model.safetensors"
+
+    def __init__(self, engine, zero3: bool, *, on_device: bool):
+        from peft.tuners.lora import LoraLayer
+
+        # Before super(): it slices self.params. Each LoRA-wrapped layer's base weight, in module order.
+        # peft's layers hold their adapters in ModuleDicts by adapter name ("default"): Any, as peft types them.
+        self.layers: list[tuple[str, Any]] = [
+            (name, m) for name, m in engine.module.named_modules() if isinstance(m, LoraLayer)
+        ]
+        self._base_params = [(f"{name}.base_layer.weight", m.get_base_layer().weight) for name, m in self.layers]
+        super().__init__(engine, zero3, on_device=on_device)
+
+    def _parameters(self):
+        return self._base_params
+
+    # ------------------------------------------------------------------ the merged policy
+    def _adapters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (A, B) in full on this rank (ZeRO-3: gathered; an adapter is small)."""
+        import deepspeed
+
+        out = {}
+        for name, layer in self.layers:
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            with deepspeed.zero.GatheredParameters([a, b], enabled=self.zero3):
+                out[name] = (a.data.detach().clone(), b.data.detach().clone())
+        return out
+
+    def _merged_slice(self, layer, p, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of ``W + s * B @ A`` (float32), from the rows of B the slice spans."""
+        base, valid = self._policy_slice(p), self._valid(p)
+        if valid == 0:
+            return base.float()
+        columns = a.shape[1]
+        start = self.rank * self._chunk(p)
+        first, last = start // columns, -(-(start + valid) // columns)
+        delta = (b[first:last].float() @ a.float()).mul_(layer.scaling["default"]).view(-1)
+        offset = start - first * columns
+        return base.float() + delta[offset : offset + valid].to(base.device)
+
+    def mix_adapters(self, alpha: float, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``ref <- alpha * (W + s * B @ A) + (1 - alpha) * ref`` on this rank's slices (float32 arithmetic, in
+        the order of the dense mix)."""
+        with torch.no_grad():
+            for (name, layer), (_, p), ref in zip(self.layers, self.params, self.slices, strict=True):
+                a, b = adapters[name]
+                policy = self._merged_slice(layer, p, a.to(p.device), b.to(p.device))
+                mixed = ref.to(policy.device, torch.float32).mul_(1.0 - alpha).add_(policy, alpha=alpha)
+                ref.copy_(mixed.to(ref.dtype))
+
+    def mix(self, alpha: float) -> None:
+        self.mix_adapters(alpha, self._adapters())
+
+    def sync(self, alpha: float, version: Path) -> str:
+        """Save the adapter being mixed in as version ``version``'s term of the chain, then mix it."""
+        from safetensors.torch import save_file
+
+        adapters = self._adapters()
+        path = version / self.ADAPTER_FILE
+        if is_main_process():
+            tensors = {f"{n}.lora_A": a.cpu().contiguous() for n, (a, _) in adapters.items()}
+            tensors |= {f"{n}.lora_B": b.cpu().contiguous() for n, (_, b) in adapters.items()}
+            version.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+        digest = all_gather_objects(hash_file(path) if is_main_process() else None)[0]
+        self.mix_adapters(alpha, adapters)
+        return digest
+
+    def _chain_term(self, path: Path, expected: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        if not path.is_file() or hash_file(path) != expected:
+            raise ArtifactError(
+                f"TR-DPO adapter {path} is missing or does not match the digest its version recorded; delete the "
+                f"run's checkpoints to start over"
+            )
+        saved = load_file(str(path), device=str(device()))
+        return {name: (saved[f"{name}.lora_A"], saved[f"{name}.lora_B"]) for name, _ in self.layers}
+
+    def restore(self, checkpoint: Path, versions: list[dict[str, Any]], run_dir: Path) -> None:
+        """Rebuild the last version's slices: the base (the engine's frozen weights), then each version's
+        (alpha, adapter) term, mixed as the live run mixed them."""
+        for k, manifest in enumerate(versions[1:], start=1):
+            inputs = manifest["inputs"]
+            self.mix_adapters(
+                inputs["alpha"], self._chain_term(version_dir(run_dir, k) / self.ADAPTER_FILE, inputs["policy_digest"])
+            )
+        if self.digests() != versions[-1]["slice_digests"]:
+            log.warning(
+                "the TR-DPO reference rebuilt from its adapter chain differs in its last bits from the one the run "
+                "recorded (a different matmul kernel on this hardware); training continues with the rebuilt one"
+            )
+
+    def save(self, checkpoint: Path) -> None:
+        """Nothing: the chain of adapters in the version directories is the reference on disk."""
+
+    @contextlib.contextmanager
+    def reference_in_engine(self):
+        with super().reference_in_engine(), self.engine.module.disable_adapter():
+            yield
+
+
 # ---------------------------------------------------------------------------------------------- the run
 class TRDPOWindows:
     """The TR-DPO part of a training run: which version and which window's log-probs the steps use, the sync
@@ -260,6 +400,7 @@ class TRDPOWindows:
         self.version = -1
         self.fingerprints: dict[int, str] = {}
         self.digests: list[str] = []  # the current version's slice digest per rank
+        self.last_sync: dict[str, Any] = {}  # what the last window start did (a tracker's tr_dpo/sync event)
 
     def started_slices(self) -> ReferenceSlices:
         """The reference slices; :meth:`start` creates them, and every other method runs after it."""
@@ -297,7 +438,8 @@ class TRDPOWindows:
     def start(self, engine, zero3: bool, resumed: Path | None, client: dict | None, step: int) -> ReferenceLogps:
         """At setup: v0 from the policy's initial weights, or the checkpoint's version and slices on resume;
         returns the log-probs of the window ``step`` is in (synced and scored first where needed)."""
-        self.slices = ReferenceSlices(engine, zero3, on_device=self.config.ref_slices_on_device)
+        kind = AdapterReferenceSlices if self.config.use_peft else ReferenceSlices
+        self.slices = kind(engine, zero3, on_device=self.config.ref_slices_on_device)
         if resumed is None:
             self._commit_version(0, self._v0_inputs())
         else:
@@ -311,7 +453,8 @@ class TRDPOWindows:
                     f"({state['fingerprint'][:12]}), but {version_dir(self.run_dir, state['version'])} "
                     f"records {manifest['fingerprint'][:12]}; delete the checkpoint"
                 )
-            self.slices.load(resumed, manifest["slice_digests"])
+            versions = [self._read_version(v) for v in range(state["version"] + 1)]
+            self.slices.restore(resumed, versions, self.run_dir)
             self.fingerprints = {v: state["chain"][str(v)] for v in range(state["version"] + 1)}
             self.version, self.digests = state["version"], manifest["slice_digests"]
         logps = self.before_step(step)
@@ -333,23 +476,29 @@ class TRDPOWindows:
         k = self.plan.window_of(step)
         if k == self.version and self.loaded_window == k:
             return None
+        mix_seconds = None  # no mix: a resumed run's window of its checkpoint's version
         if k > self.version:
             started = time.perf_counter()
-            policy_digests = self.started_slices().policy_digests()
-            self.started_slices().mix(self.config.ref_model_mixup_alpha)
-            mixed = time.perf_counter()
+            policy_digest = self.started_slices().sync(self.config.ref_model_mixup_alpha, version_dir(self.run_dir, k))
+            mix_seconds = time.perf_counter() - started
             inputs = {
                 "version": k,
                 "previous": self.fingerprints[k - 1],
                 "policy_step": step,
-                "policy_digest": hashlib.sha256("".join(policy_digests).encode()).hexdigest(),
+                "policy_digest": policy_digest,
                 "alpha": self.config.ref_model_mixup_alpha,
             }
-            self._commit_version(k, inputs, mix_seconds=mixed - started)
+            self._commit_version(k, inputs, mix_seconds=mix_seconds)
             if self.config.save_reference_versions:
                 self.started_slices().export(version_dir(self.run_dir, k), self.model_dir)
         started = time.perf_counter()
         out = self._score_window(k)
+        self.last_sync = {
+            "reference_version": k,
+            "examples": len(self.plan.example_ids(k)),
+            "score_seconds": time.perf_counter() - started,
+            **({"mix_seconds": mix_seconds} if mix_seconds is not None else {}),
+        }
         if is_main_process():
             start, stop = self.plan.window(k)
             log.info(
@@ -377,22 +526,21 @@ class TRDPOWindows:
         """Window k's examples scored with version k, in this engine (kept if already committed)."""
         slices = self.started_slices()
         engine = slices.engine
-        swapped = slices.swap_in()
         engine.eval()
         try:
-            return compute_reference_logps(
-                self.config,
-                tokenized_dir=self.tokenized_dir,
-                out_dir=window_dir(self.run_dir, k),
-                splits=["train"],
-                engine=engine,
-                weights=self.fingerprints[k],
-                example_ids={"train": self.plan.example_ids(k)},
-                extra_inputs=self._extra(k),
-            )
+            with slices.reference_in_engine():
+                return compute_reference_logps(
+                    self.config,
+                    tokenized_dir=self.tokenized_dir,
+                    out_dir=window_dir(self.run_dir, k),
+                    splits=["train"],
+                    engine=engine,
+                    weights=self.fingerprints[k],
+                    example_ids={"train": self.plan.example_ids(k)},
+                    extra_inputs=self._extra(k),
+                )
         finally:
             engine.train()
-            slices.swap_out(swapped)
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> dict[str, Any]:
