@@ -62,3 +62,21 @@ def tokenized_dir(make_config) -> Path:
     from pipeline.tokenize.stage import tokenize_stage
 
     return tokenize_stage(make_config())
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """A training run's ``metrics.jsonl``, one dict per line."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curves(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
+    """Two runs' records step for step, every number but the clock's within ``tol``."""
+    from pipeline.metrics import TIMED_KEYS
+
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            if key not in TIMED_KEYS:
+                assert abs(x[key] - y[key]) <= tol, (x["step"], key, x[key], y[key])

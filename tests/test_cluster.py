@@ -23,6 +23,7 @@ from pipeline.config import REPO_ROOT, save_config
 from pipeline.errors import ConfigError
 from pipeline.plan import Plan
 from pipeline.reference.stage import _inference_ds_config, model_parameter_count, reference_stage
+from pipeline.throughput import COUNTS, batch_counts
 from pipeline.tokenize.stage import tokenize_stage
 from pipeline.train.stage import MetricSums, read_summary, weight_decay_groups
 
@@ -135,14 +136,15 @@ def test_weight_decay_groups_use_the_full_shape_of_zero3_partitioned_parameters(
 def test_metric_sums_stay_on_the_engines_device_until_the_one_transfer():
     # The meta device stands in for CUDA: a .cpu() or a host scalar on the way would fail or leave meta.
     sums = MetricSums(torch.device("meta"))
+    mask = torch.ones(4, 6, dtype=torch.long, device="meta")
     sums.add(
         {"loss": torch.ones((), device="meta"), "rewards/margins": torch.ones((), device="meta")},
         2,
-        torch.tensor(7, device="meta"),
+        batch_counts(mask, torch.ones(4, dtype=torch.long, device="meta")),  # the throughput counts too
     )
     sums.add_names(["loss", "rewards/margins"])
     reduced = sums.reduced()
-    assert reduced.device.type == "meta" and reduced.shape == (4,)
+    assert reduced.device.type == "meta" and reduced.shape == (2 + 1 + len(COUNTS),)
 
 
 def test_reference_pass_replicates_a_model_that_fits_and_shards_on_request(make_config, tiny_model_dir):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_curves, metrics_records
 from safetensors.torch import load_file
 
 from pipeline.config import REPO_ROOT, load_config, save_config
@@ -68,12 +69,8 @@ def lora_config(make_config):
     return make
 
 
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_records(run_dir):
-    return [r for r in records(run_dir) if "loss" in r]
+    return [r for r in metrics_records(run_dir) if "loss" in r]
 
 
 def eval_chosen_logps(config, model) -> float:
@@ -203,12 +200,7 @@ def test_two_ranks_give_the_lora_loss_curve_of_one(lora_config, ds_config):
     run_one = train_stage(one)
     run_stage("train", two, timeout=600)
     run_two = Plan.of(two).train_dir
-    a, b = records(run_one), records(run_two)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b, strict=True):
-        for key in x:
-            if key not in TIMING and isinstance(x[key], float):
-                assert abs(x[key] - y[key]) <= 1e-5, (x["step"], key, x[key], y[key])
+    assert_same_curves(metrics_records(run_one), metrics_records(run_two))
     assert max_difference(adapter(run_one), adapter(run_two)) <= 1e-5
 
 
@@ -280,7 +272,7 @@ def test_kill_9_of_a_lora_tr_dpo_run_then_rerun_gives_the_uninterrupted_adapter(
     config = lora_config(**{**TR_DPO, "max_steps": 12, "save_steps": 3})
     run = train_stage(config)
     uninterrupted = adapter(run)
-    metrics = [{k: v for k, v in r.items() if k not in TIMING} for r in records(run)]
+    metrics = [{k: v for k, v in r.items() if k not in TIMING} for r in metrics_records(run)]
     import shutil
 
     shutil.rmtree(run)
@@ -306,7 +298,7 @@ def test_kill_9_of_a_lora_tr_dpo_run_then_rerun_gives_the_uninterrupted_adapter(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (run / "final_model" / "adapter_model.safetensors").is_file(), rerun.stderr[-3000:]
     assert max_difference(adapter(run), uninterrupted) == 0.0
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in records(run)] == metrics
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in metrics_records(run)] == metrics
 
 
 def test_tr_dpo_with_what_cannot_be_mixed_as_an_adapter_delta_is_refused(make_config):
