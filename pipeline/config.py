@@ -391,6 +391,11 @@ class DPOPipelineConfig(BaseModel):
                 "save_reference_versions: with use_peft each reference version is the base plus the (alpha, adapter) "
                 "chain in references/v<k>/adapter_model.safetensors; set save_reference_versions: false"
             )
+        if (self.load_in_4bit or self.load_in_8bit) and self.reference_zero_stage == 3:
+            raise ValueError(
+                "reference_zero_stage: 3 cannot partition the quantised base of load_in_4bit / load_in_8bit; set "
+                "reference_zero_stage: auto (stage 0: every rank holds the quantised base)"
+            )
         if self.save_merged_model and not self.use_peft:
             raise ValueError("save_merged_model: only adapters are merged (use_peft); final_model is the full model")
         if self.load_in_4bit and self.load_in_8bit:

@@ -172,6 +172,8 @@ _PEAKS: tuple[tuple[str, float | None, float | None, float], ...] = (
     ("H200", 989.5 * _T, 494.5 * _T, 67 * _T),  # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM
     ("H200 NVL", 835.5 * _T, 417.5 * _T, 60 * _T),  # NVIDIA H200 datasheet, H200 NVL
     ("A100", 312 * _T, 156 * _T, 19.5 * _T),  # NVIDIA A100 datasheet: 40 GB and 80 GB, SXM and PCIe alike
+    ("H800", 989.5 * _T, 494.5 * _T, 67 * _T),  # the export H100 SXM: its compute, less NVLink bandwidth
+    ("A800", 312 * _T, 156 * _T, 19.5 * _T),  # the export A100: its compute, less NVLink bandwidth
     ("A10G", 70 * _T, 35 * _T, 35 * _T),  # AWS G5's A10G, no public datasheet: Baseten's "NVIDIA A10 vs A10G"
     ("A10", 125 * _T, 62.5 * _T, 31.2 * _T),  # NVIDIA A10 Tensor Core GPU datasheet
     ("A40", 149.7 * _T, 74.8 * _T, 37.4 * _T),  # NVIDIA A40 datasheet

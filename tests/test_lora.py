@@ -97,12 +97,13 @@ def max_difference(a, b):
 
 
 # ---------------------------------------------------------------------------------------------- one rank
-@pytest.mark.parametrize("ds_config", ["ds_zero2.json", "ds_zero3.json"])
+@pytest.mark.parametrize("ds_config", [None, "ds_zero1.json", "ds_zero2.json", "ds_zero3.json"])
 def test_lora_trains_adapters_on_the_base_reference_and_exports_what_it_trained(lora_config, ds_config, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = lora_config(deepspeed=str(CONFIGS / ds_config), save_merged_model=True, save_steps=2, max_steps=5)
+    deepspeed = str(CONFIGS / ds_config) if ds_config else None  # None: ZeRO stage 0
+    config = lora_config(deepspeed=deepspeed, save_merged_model=True, save_steps=2, max_steps=5)
     plan = Plan.of(config)
     full = Plan.of(config.model_copy(update={"use_peft": False, "save_merged_model": False}))
     # The base's reference artifact is the one a full fine-tune of the same data reads: no adapter in its inputs.
@@ -126,6 +127,23 @@ def test_lora_trains_adapters_on_the_base_reference_and_exports_what_it_trained(
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(merged.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight)
     assert "final_model_merged/model.safetensors" in json.loads((run / "manifest.json").read_text())["files"]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(bf16=True, gradient_checkpointing=True),  # non-reentrant checkpointing, TRL's default kwargs
+        dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
+        dict(use_rslora=True, lora_target_modules=["q_proj", "v_proj"]),
+        dict(use_dora=True),
+    ],
+    ids=["bf16-checkpointing", "reentrant-checkpointing", "rslora", "dora"],
+)
+def test_lora_variants_start_at_the_base_and_learn(lora_config, variant):
+    rows = train_records(train_stage(lora_config(**variant)))
+    bf16 = variant.get("bf16", False)
+    assert abs(rows[0]["loss"] - math.log(2)) < (2e-3 if bf16 else 1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.01 and all(r["grad_norm"] > 0 for r in rows)
 
 
 def test_a_lora_target_the_model_lacks_is_one_line_naming_the_key(lora_config):

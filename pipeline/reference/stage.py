@@ -279,8 +279,11 @@ def _inference_ds_config(config: DPOPipelineConfig, model_dir: Path) -> dict[str
     must be sharded, else stage 0, where every rank holds the model and a forward gathers nothing (at 7B bf16
     on one node, ZeRO-3 would all-gather every layer on every forward for no memory need)."""
     stage = config.reference_zero_stage
+    quantised = config.load_in_4bit or config.load_in_8bit
     if stage == "auto":
-        stage = 0 if _fits_one_device(config, model_dir) else 3
+        # A quantised base (QLoRA) cannot be partitioned, and at 0.5-1 byte per parameter it is what fits.
+        stage = 0 if quantised or _fits_one_device(config, model_dir) else 3
+
     if stage == 3 and zero_stage(user_ds_config(config)) != 3:
         config = config.model_copy(update={"deepspeed": str(DEFAULT_DS_CONFIG), "accelerate_config": None})
     ds = resolve_ds_config(

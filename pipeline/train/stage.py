@@ -17,7 +17,8 @@ One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
    ZeRO-3 through ``HfDeepSpeedConfig``), the ``optim`` the HF Trainer would build (torch AdamW, fused or not,
    SGD, Adagrad, RMSprop, Adafactor: no JIT compile) and transformers' ``lr_scheduler_type`` schedule as a
    LambdaLR stepped by DeepSpeed; a ds_config ``optimizer`` / ``scheduler`` section wins, as in the HF Trainer.
-   ZeRO 0-3, CPU offload, fp32 or bf16: whatever the ds_config says.
+   ZeRO 0-3, CPU offload, fp32 or bf16: whatever the ds_config says. With ``use_peft`` the policy is the base
+   with LoRA adapters (:mod:`pipeline.train.lora`): the optimizer holds the adapters, checkpoints too.
 3. **Step**: the examples of each optimizer step come from :class:`pipeline.schedule.TrainingSchedule` (seeded,
    its own generator), so a resumed or differently sharded run reads the same global batches. Each micro-batch
    is one forward over chosen and rejected together through :func:`pipeline.logprobs.completion_logps`, the
@@ -26,16 +27,19 @@ One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
    accumulation and ranks, clips it and steps optimizer and schedule. Under TR-DPO a step that opens a window
    first syncs the reference and scores the window (:mod:`pipeline.train.tr_dpo`), in this engine.
 4. **Metrics**: global-batch means (summed on the engine's device, one all-reduce and one host transfer per
-   step) to ``metrics.jsonl``, a progress bar, and an evaluation of the held-out split every ``eval_steps`` and
-   at the end (reward accuracy and margins). A non-finite loss or gradient norm stops the run before anything
-   is saved (:class:`pipeline.errors.TrainingDiverged`, naming the step and the checkpoint to resume from).
+   step), tokens/s and MFU (:mod:`pipeline.throughput`) to ``metrics.jsonl`` and the ``report_to`` trackers
+   (:mod:`pipeline.trackers`, main process; TR-DPO syncs as events), a progress bar, and an evaluation of the
+   held-out split every ``eval_steps`` and at the end (reward accuracy and margins). A non-finite loss or
+   gradient norm stops the run before anything is saved (:class:`pipeline.errors.TrainingDiverged`, naming the
+   step and the checkpoint to resume from).
 5. **Checkpoints** every ``save_steps`` (and at ``stop_step``): DeepSpeed's (weights, optimizer, LR schedule,
    with the step and the loss state as client state), per-rank RNG (and TR-DPO's reference slices), and
    ``trainer_state.json`` written last as the completion marker, with every file's digest. A rerun resumes
    from the newest intact one and ends bit-for-bit where an uninterrupted run ends. Only ``save_total_limit``
    checkpoints are kept, pruned after the new one's marker is written.
-6. **End**: ``final_model`` (``save_pretrained``, safetensors, consolidated under ZeRO-3, plus the tokenizer),
-   plots and ``summary.json`` (:mod:`pipeline.metrics`), and ``manifest.json`` last.
+6. **End**: ``final_model`` (``save_pretrained``, safetensors, consolidated under ZeRO-3, plus the tokenizer;
+   with LoRA the adapter, and ``final_model_merged`` on request), plots and ``summary.json`` (with the
+   throughput medians; :mod:`pipeline.metrics`), and ``manifest.json`` last.
 
 Trade-offs: metrics cost one all-reduce per step (a few floats; ZeRO synchronises every step anyway). The
 BCO running mean is updated per micro-batch, so gradient accumulation and more ranks at the same global batch
@@ -222,13 +226,6 @@ def _throughput_summary(records: list[dict[str, Any]], peak: dict[str, Any]) -> 
     return {**medians, **peak}
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"loss": {"beta": 0.1}} -> {"loss.beta": 0.1}: names a difference down to the field."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
-
-
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Optimizer groups: decay on matrices, none on biases and norm scales (the HF Trainer's rule, by shape).
 
@@ -402,7 +399,7 @@ class DPOTrainingRecipe:
     # ------------------------------------------------------------------ setup
     def _check_resumable(self, checkpoint: Path) -> None:
         saved = main_decides(lambda: json.loads((checkpoint / CHECKPOINT_MARKER).read_text()))
-        ours, theirs = _flat(self.resume_key), _flat(saved["resume_key"])
+        ours, theirs = flatten_params(self.resume_key), flatten_params(saved["resume_key"])  # down to the field
         diffs = [
             f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
             for k in sorted(set(ours) | set(theirs))

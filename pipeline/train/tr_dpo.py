@@ -38,6 +38,11 @@ reference log-probs, whose cache would go stale. Here the two combine, in the tr
   mid-mix, mid-re-score, mid-checkpoint) the rerun continues from the newest intact checkpoint, redoes any
   sync after it (deterministically: the same slices, the same fingerprints), keeps the committed window
   shards, and ends at the weights of an uninterrupted run.
+* **With LoRA** (``use_peft``) the policy is base + adapter and only the adapted weights can move the reference:
+  :class:`AdapterReferenceSlices` keeps slices of those base weights alone, mixes in the merged policy
+  ``W + s * B @ A`` computed slice by slice, scores with the adapters disabled, and keeps the versions on disk as
+  the chain of (alpha, adapter) terms (``references/v<k>/adapter_model.safetensors``) rather than dense slices
+  in every checkpoint; a resume rebuilds the slices from the base and the chain, bit for bit.
 * **Eval reward accuracy is measured against version 0** (the reference stage's eval artifact), so eval
   numbers stay comparable across windows and with plain DPO.
 
