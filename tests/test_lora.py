@@ -91,6 +91,10 @@ def adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final_model" / "adapter_model.safetensors")
 
 
+def untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
 def max_difference(a, b):
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -144,6 +148,21 @@ def test_lora_variants_start_at_the_base_and_learn(lora_config, variant):
     bf16 = variant.get("bf16", False)
     assert abs(rows[0]["loss"] - math.log(2)) < (2e-3 if bf16 else 1e-5)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.01 and all(r["grad_norm"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("ds_config", ["ds_zero2.json", "ds_zero3.json"])
+def test_a_stopped_lora_run_resumes_from_its_adapter_only_checkpoint_exactly(lora_config, ds_config):
+    import shutil
+
+    config = lora_config(deepspeed=str(CONFIGS / ds_config), max_steps=5, eval_steps=3)
+    run = train_stage(config)
+    uninterrupted, metrics = adapter(run), [untimed(r) for r in metrics_records(run)]
+    shutil.rmtree(run)
+    train_stage(config, stop_step=2)
+    assert (run / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    train_stage(config)
+    assert max_difference(adapter(run), uninterrupted) <= 1e-6
+    assert [untimed(r) for r in metrics_records(run)] == metrics
 
 
 def test_a_lora_target_the_model_lacks_is_one_line_naming_the_key(lora_config):
@@ -290,7 +309,7 @@ def test_kill_9_of_a_lora_tr_dpo_run_then_rerun_gives_the_uninterrupted_adapter(
     config = lora_config(**{**TR_DPO, "max_steps": 12, "save_steps": 3})
     run = train_stage(config)
     uninterrupted = adapter(run)
-    metrics = [{k: v for k, v in r.items() if k not in TIMING} for r in metrics_records(run)]
+    metrics = [untimed(r) for r in metrics_records(run)]
     import shutil
 
     shutil.rmtree(run)
@@ -316,7 +335,7 @@ def test_kill_9_of_a_lora_tr_dpo_run_then_rerun_gives_the_uninterrupted_adapter(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (run / "final_model" / "adapter_model.safetensors").is_file(), rerun.stderr[-3000:]
     assert max_difference(adapter(run), uninterrupted) == 0.0
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in metrics_records(run)] == metrics
+    assert [untimed(r) for r in metrics_records(run)] == metrics
 
 
 def test_tr_dpo_with_what_cannot_be_mixed_as_an_adapter_delta_is_refused(make_config):
