@@ -267,6 +267,24 @@ def merged_weights(base_dir: Path, adapter_file: Path, config) -> dict[str, torc
     return model.merge_and_unload().state_dict()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["ds_zero2.json", "ds_zero3.json"])
+def test_tr_dpo_with_lora_on_two_ranks_equals_one(lora_config, ds_config):
+    """Each rank mixes its slice of the adapted weights (ZeRO-3: DeepSpeed's partitions) from its rows of B."""
+    common = dict(TR_DPO, deepspeed=str(CONFIGS / ds_config), per_device_train_batch_size=4)
+    one = lora_config(gradient_accumulation_steps=2, **common)
+    two = lora_config(gradient_accumulation_steps=1, num_processes=2, **common)
+    run_one = train_stage(one)
+    run_stage("train", two, timeout=600)
+    run_two = Plan.of(two).train_dir
+    assert_same_curves(metrics_records(run_one), metrics_records(run_two))
+    assert max_difference(adapter(run_one), adapter(run_two)) <= 1e-5
+    for k in (1, 2):
+        a, b = (load_reference_logps(window_dir(run, k), split="train") for run in (run_one, run_two))
+        assert np.abs(a.chosen - b.chosen).max() <= 1e-5 * np.abs(a.chosen).max()
+    assert read_summary(run_two)["reference_forwards_per_example"] == 1.0
+
+
 def test_tr_dpo_with_lora_equals_the_dense_tr_dpo_of_the_merged_policy(lora_config, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
