@@ -80,3 +80,52 @@ def assert_same_curves(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
         for key in x:
             if key not in TIMED_KEYS:
                 assert abs(x[key] - y[key]) <= tol, (x["step"], key, x[key], y[key])
+
+
+def train_one_and_two_ranks(make, **common) -> tuple[Path, Path]:
+    """The run of ``make(**common)`` on 1 rank x accumulation 2 (in this process) and on 2 ranks x accumulation 1
+    (a launcher job): the same global batches, so the same curve. Returns both run dirs."""
+    from pipeline.launch import run_stage
+    from pipeline.plan import Plan
+    from pipeline.train.stage import train_stage
+
+    one = make(gradient_accumulation_steps=2, **common)
+    two = make(gradient_accumulation_steps=1, num_processes=2, **common)
+    run_one = train_stage(one)
+    run_stage("train", two, timeout=600)
+    run_two = Plan.of(two).train_dir
+    assert_same_curves(metrics_records(run_one), metrics_records(run_two))
+    return run_one, run_two
+
+
+def kill_9_after_checkpoint_then_rerun(config, tmp_path: Path, step: int, timeout: float = 300) -> None:
+    """``train`` as a fresh single-process job (no rank variables of this process, one thread as here), killed
+    with SIGKILL once its step-``step`` checkpoint is complete, then run again to the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.artifacts import MANIFEST
+    from pipeline.config import save_config
+    from pipeline.launch import job_environment
+    from pipeline.plan import Plan
+
+    run = Plan.of(config).train_dir
+    config_path = tmp_path / "config.yaml"
+    save_config(config, config_path)
+    command = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config_path)]
+    env = dict(job_environment(), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (run / "checkpoints" / f"step-{step}" / "trainer_state.json").is_file():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run / MANIFEST).exists()  # killed mid-run
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]

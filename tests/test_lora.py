@@ -8,7 +8,6 @@ the merged policy and resume to the same adapter after a kill.
 
 import json
 import math
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_curves, metrics_records
+from conftest import kill_9_after_checkpoint_then_rerun, metrics_records, train_one_and_two_ranks
 from safetensors.torch import load_file
 
-from pipeline.config import REPO_ROOT, load_config, save_config
+from pipeline.config import REPO_ROOT, load_config
 from pipeline.errors import ConfigError
-from pipeline.launch import job_environment, run_stage
+from pipeline.launch import job_environment
 from pipeline.logprobs import collate_pairs, completion_logps
 from pipeline.metrics import TIMED_KEYS
 from pipeline.plan import Plan
@@ -232,12 +231,7 @@ def test_lora_learns_on_the_shipped_data(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("ds_config", ["ds_zero2.json", "ds_zero3.json"])
 def test_two_ranks_give_the_lora_loss_curve_of_one(lora_config, ds_config):
     common = dict(deepspeed=str(CONFIGS / ds_config), per_device_train_batch_size=4, loss_type=["sigmoid", "ipo"])
-    one = lora_config(gradient_accumulation_steps=2, **common)
-    two = lora_config(gradient_accumulation_steps=1, num_processes=2, **common)
-    run_one = train_stage(one)
-    run_stage("train", two, timeout=600)
-    run_two = Plan.of(two).train_dir
-    assert_same_curves(metrics_records(run_one), metrics_records(run_two))
+    run_one, run_two = train_one_and_two_ranks(lora_config, **common)
     assert max_difference(adapter(run_one), adapter(run_two)) <= 1e-5
 
 
@@ -272,12 +266,7 @@ def merged_weights(base_dir: Path, adapter_file: Path, config) -> dict[str, torc
 def test_tr_dpo_with_lora_on_two_ranks_equals_one(lora_config, ds_config):
     """Each rank mixes its slice of the adapted weights (ZeRO-3: DeepSpeed's partitions) from its rows of B."""
     common = dict(TR_DPO, deepspeed=str(CONFIGS / ds_config), per_device_train_batch_size=4)
-    one = lora_config(gradient_accumulation_steps=2, **common)
-    two = lora_config(gradient_accumulation_steps=1, num_processes=2, **common)
-    run_one = train_stage(one)
-    run_stage("train", two, timeout=600)
-    run_two = Plan.of(two).train_dir
-    assert_same_curves(metrics_records(run_one), metrics_records(run_two))
+    run_one, run_two = train_one_and_two_ranks(lora_config, **common)
     assert max_difference(adapter(run_one), adapter(run_two)) <= 1e-5
     for k in (1, 2):
         a, b = (load_reference_logps(window_dir(run, k), split="train") for run in (run_one, run_two))
@@ -331,27 +320,7 @@ def test_kill_9_of_a_lora_tr_dpo_run_then_rerun_gives_the_uninterrupted_adapter(
     import shutil
 
     shutil.rmtree(run)
-    config_path = tmp_path / "config.yaml"
-    save_config(config, config_path)
-    command = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config_path)]
-    env = dict(job_environment(), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = 300
-        import time
-
-        start = time.monotonic()
-        while not (run / "checkpoints" / "step-6" / "trainer_state.json").is_file():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() - start < deadline
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not (run / "manifest.json").exists()
-    rerun = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert (run / "final_model" / "adapter_model.safetensors").is_file(), rerun.stderr[-3000:]
+    kill_9_after_checkpoint_then_rerun(config, tmp_path, step=6)
     assert max_difference(adapter(run), uninterrupted) == 0.0
     assert [untimed(r) for r in metrics_records(run)] == metrics
 

@@ -6,10 +6,6 @@ Fast tests run one process in-process; multi-process parity and the SIGKILL resu
 import json
 import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import assert_same_curves
+from conftest import kill_9_after_checkpoint_then_rerun, train_one_and_two_ranks
 from safetensors.torch import load_file
 
 from pipeline.artifacts import MANIFEST, hash_file, is_complete
-from pipeline.config import REPO_ROOT, save_config
+from pipeline.config import REPO_ROOT
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.launch import job_environment, run_stage
 from pipeline.logprobs import collate_pairs, completion_logps
 from pipeline.metrics import TIMED_KEYS
 from pipeline.plan import Plan
@@ -323,34 +318,13 @@ def test_resume_from_a_checkpoint_of_another_config_is_refused(prepared):
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def wait_for(predicate, timeout, proc):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_sigkill_then_rerun_reaches_the_uninterrupted_weights(prepared, tmp_path):
     config = prepared(max_steps=40, save_steps=3, eval_steps=20)
     run = train_stage(config)
     uninterrupted, metrics = weights(run), without_timing(records(run))
     shutil.rmtree(run)
-
-    config_path = tmp_path / "config.yaml"
-    save_config(config, config_path)
-    command = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config_path)]
-    # A fresh single-process job: without this process's rank variables, with one thread as in this process.
-    env = dict(job_environment(), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        wait_for(lambda: (run / "checkpoints" / "step-6" / "trainer_state.json").is_file(), 300, proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not (run / MANIFEST).exists()  # killed mid-run
-    subprocess.run(command, check=True, capture_output=True, env=env)
+    kill_9_after_checkpoint_then_rerun(config, tmp_path, step=6)
     assert max_difference(weights(run), uninterrupted) <= 1e-6
     assert without_timing(records(run)) == metrics
 
@@ -366,11 +340,6 @@ def test_two_processes_give_the_loss_curve_of_one(prepared, ds_config):
         eval_steps=2,
         loss_type=["sigmoid", "ipo"],
     )
-    one = prepared(gradient_accumulation_steps=2, **common)
-    two = prepared(gradient_accumulation_steps=1, num_processes=2, **common)
-    run_one = train_stage(one)
-    run_stage("train", two, timeout=600)
-    run_two = Plan.of(two).train_dir
-    assert_same_curves(records(run_one), records(run_two))
+    run_one, run_two = train_one_and_two_ranks(prepared, **common)
     assert max_difference(weights(run_one), weights(run_two)) <= 1e-5
     assert read_summary(run_two)["world_size"] == 2
