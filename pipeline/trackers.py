@@ -31,6 +31,7 @@ its tracker is checked or opened: this module is imported by processes that must
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import hashlib
@@ -169,31 +170,32 @@ def _mlflow_uri(run_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- trackers
-class _Tracker:
+class _Tracker(abc.ABC):
     """The protocol every tracker keeps: params once, metrics per step, close once."""
 
     name = ""
     trl_names = True  # metric names through rewrite_logs (train/..., eval/...), as HF's callback for it does
 
-    def __init__(self, config: DPOPipelineConfig, run_dir: Path, resume_step: int):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __init__(self, config: DPOPipelineConfig, run_dir: Path, resume_step: int): ...
 
     @classmethod
+    @abc.abstractmethod
     def fix(cls, config: DPOPipelineConfig, run_dir: Path) -> str:
         """What the user can change when this tracker does not start."""
-        raise NotImplementedError
+        ...
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def log_params(self, params: dict[str, Any]) -> None: ...
 
-    def log_metrics(self, metrics: dict[str, int | float], step: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def log_metrics(self, metrics: dict[str, int | float], step: int) -> None: ...
 
-    def log_text(self, tag: str, text: str, step: int) -> None:
+    def log_text(self, tag: str, text: str, step: int) -> None:  # noqa: B027 -- a no-op default, on purpose
         """Only TensorBoard shows text beside its curves; the others have the numbers."""
 
-    def close(self, summary: dict[str, Any], step: int, failed: bool) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self, summary: dict[str, Any], step: int, failed: bool) -> None: ...
 
 
 class _TensorBoard(_Tracker):
@@ -223,7 +225,7 @@ class _TensorBoard(_Tracker):
             self.writer.add_scalar(tag, value, global_step=step)
         self.writer.flush()  # as HF's callback: a crash loses no step it logged (one small write per record)
 
-    def log_text(self, tag: str, text: str, step: int) -> None:
+    def log_text(self, tag: str, text: str, step: int) -> None:  # noqa: B027 -- a no-op default, on purpose
         self.writer.add_text(tag, text, global_step=step)
         self.writer.flush()
 
