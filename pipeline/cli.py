@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+from pipeline.ranks import world_size
 
 if TYPE_CHECKING:
     from pipeline.config import DPOPipelineConfig
@@ -89,8 +91,6 @@ def _known_key(key: str) -> bool:
 def _log_level(config: DPOPipelineConfig) -> None:
     """``log_level`` for the pipeline's loggers; passive (transformers' default): info on rank 0, warnings
     elsewhere (N ranks would repeat every line)."""
-    import os
-
     level = config.log_level
     if level == "passive":
         level = "info" if os.environ.get("RANK", "0") == "0" else "warning"
@@ -178,7 +178,6 @@ def _tr_dpo_in_job(config):
 def _record_error(path: str, error: PipelineError) -> None:
     """The first rank to refuse writes the record; the others (refusing the same input) leave it."""
     import json
-    import os
     import socket
 
     record = {**error.record(), "rank": os.environ.get("RANK", "0"), "host": socket.gethostname()}
@@ -221,12 +220,27 @@ def main(argv: list[str] | None = None) -> int:
 def process_main() -> int:
     """The process's entry point (``python -m pipeline.cli``, the ``dpo-pipeline`` script): :func:`main`, then the
     process group ended before the interpreter exits. :func:`main` alone leaves the group to its caller, which
-    may run more stages in the same process."""
+    may run more stages in the same process.
+
+    A rank of a multi-process job then leaves through ``os._exit`` once its streams are flushed: every output
+    is written and closed by then (artifacts atomically, trackers in the stage's ``finish``), and what is
+    skipped is the interpreter's and libtorch's teardown of gloo's threads, whose occasional SIGABRT would
+    turn a finished job into a failed one under torchrun."""
+    completed = False
     try:
-        return main()
+        code = main()
+        completed = code == 0
+        return code
     finally:
-        if "pipeline.distributed" in sys.modules:  # a stage ran here; the Prefect process never imports torch
-            sys.modules["pipeline.distributed"].end_distributed()
+        # Only if a stage ran in this process: the Prefect process never imports torch.
+        distributed = sys.modules.get("pipeline.distributed")
+        if distributed is not None:
+            distributed.end_distributed(completed=completed)
+            if completed and world_size() > 1:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
 
 
 if __name__ == "__main__":

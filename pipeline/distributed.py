@@ -137,13 +137,18 @@ def init_distributed(config=None) -> None:
     deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if on_gpu() else "gloo", timeout=timeout)
 
 
-def end_distributed() -> None:
+def end_distributed(*, completed: bool) -> None:
     """Destroy the process group before the interpreter exits. Left to finalisation, gloo's worker threads can
     still hold work whose tensors need the GIL while Python tears down, and the rank dies of SIGABRT
     ("terminate called without an active exception", pytorch/pytorch#190489) after its work is done; NCCL
-    warns and can block a peer. Local, not collective: safe on the error path too."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    warns and can block a peer. After a ``completed`` command the ranks first meet in a barrier, so none
+    tears its group down while rank 0 still writes the outputs over it (the teardown race CI met on the rank
+    that left first). After a failure there is no barrier: a peer may be gone, and the group ends locally."""
+    if not torch.distributed.is_initialized():
+        return
+    if completed and world_size() > 1:
+        barrier()
+    torch.distributed.destroy_process_group()
 
 
 def configure_cuda_numerics(config) -> None:
