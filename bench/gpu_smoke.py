@@ -27,7 +27,10 @@ measures fresh artifacts rather than finding them complete):
    group           CLI stages (label in the logs)
    ==============  ===========================================================================================
    (every group)   ``tokenize`` of smoke.yaml (one tokenized artifact serves every config)
-   dpo             ``reference`` (shared with lora), ``train`` of smoke.yaml
+   dpo             ``reference`` (shared with lora), ``train`` of smoke.yaml (the default layout: packed rows,
+                   the prompt shared under SDPA's block mask)
+   padded          the dpo group's stages, then ``train`` of smoke-padded.yaml (``padding_free: false``): its
+                   loss curve equals the packed one within 2e-2 in bf16 (1e-4 in fp32), its tokens/s beside it
    trdpo           ``train`` of smoke-trdpo.yaml (one job: the eval reference pass, per window a reference
                    pass and training, one in-place mix between the windows)
    lora            ``reference`` (the base model's: the plain run's artifact), ``train`` of smoke-lora.yaml
@@ -110,7 +113,7 @@ import bench_train
 REPO_ROOT = bench_train.REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT))  # `pipeline` without an editable install, as `python -m pipeline.cli` has it
 
-GROUPS = ("dpo", "trdpo", "lora", "lora-trdpo", "qlora")
+GROUPS = ("dpo", "padded", "trdpo", "lora", "lora-trdpo", "qlora")
 LORA = {
     "use_peft": True,
     "lora_r": 16,
@@ -124,8 +127,9 @@ BNB_PIN = "bitsandbytes==0.50.2"
 # (label, CLI stage, config, the groups that need it), in the order they run.
 STAGES = (
     ("tokenize", "tokenize", "plain", GROUPS),
-    ("reference", "reference", "plain", ("dpo", "lora")),
-    ("train", "train", "plain", ("dpo",)),
+    ("reference", "reference", "plain", ("dpo", "padded", "lora")),
+    ("train", "train", "plain", ("dpo", "padded")),
+    ("train-padded", "train", "padded", ("padded",)),
     ("tr-dpo", "train", "trdpo", ("trdpo",)),
     ("lora", "train", "lora", ("lora",)),
     ("lora-tr-dpo", "train", "lora-trdpo", ("lora-trdpo",)),
@@ -136,13 +140,15 @@ STAGES = (
 ROWS = {
     "reference": ("reference (train+eval)",),
     "dpo": ("train (DPO)",),
+    "padded": ("train (DPO, padded rows)",),
     "trdpo": ("TR-DPO window references", "TR-DPO train (2 windows)"),
     "lora": ("train (LoRA)",),
     "lora-trdpo": ("TR-DPO window references (LoRA)", "TR-DPO train (LoRA)"),
     "qlora": ("reference (QLoRA base)", "train (QLoRA)"),
 }
 CONFIG_OF = {"dpo": "plain"}  # a group's config key in write_configs (the others: the group's name)
-TRAIN_LABEL = {"dpo": "train", "trdpo": "tr-dpo", "lora-trdpo": "lora-tr-dpo"}  # its training stage (else its name)
+# A group's training stage (else its name).
+TRAIN_LABEL = {"dpo": "train", "padded": "train-padded", "trdpo": "tr-dpo", "lora-trdpo": "lora-tr-dpo"}
 THROUGHPUT_KEYS = ("tokens_per_second", "tokens_per_second_per_device", "tflops_per_device", "padding_fraction")
 
 
@@ -276,6 +282,8 @@ def write_configs(work: Path, model_dir: Path, args: argparse.Namespace) -> dict
     lora = {**plain, **LORA}
     configs = {
         "plain": plain,
+        # The old layout beside the default (packed rows, the prompt shared under SDPA's block mask).
+        "padded": {**plain, "padding_free": False},
         "trdpo": {**plain, **tr_dpo},
         "lora": lora,
         "lora-trdpo": {**lora, **tr_dpo},
@@ -588,7 +596,14 @@ def check_group(group: str, ctx: dict, problems: list[str]) -> list[dict]:
         rows.append(reference_row(ROWS[group][0], windows, plan.tokenized_dir, ctx["flops"], peak, None, problems))
     records, summary = check_training(plan.train_dir, args.steps, problems)
     rows.append(training_row(ROWS[group][-1], records, summary, peak, seconds[TRAIN_LABEL.get(group, group)], problems))
-    name = {"dpo": "DPO", "trdpo": "TR-DPO", "lora": "LoRA", "lora-trdpo": "TR-DPO (LoRA)", "qlora": "QLoRA"}[group]
+    name = {
+        "dpo": "DPO",
+        "padded": "DPO (padded)",
+        "trdpo": "TR-DPO",
+        "lora": "LoRA",
+        "lora-trdpo": "TR-DPO (LoRA)",
+        "qlora": "QLoRA",
+    }[group]
     if records:
         result["losses"][name] = (records[0]["loss"], records[-1]["loss"])
     if group in ("trdpo", "lora-trdpo"):
@@ -599,6 +614,13 @@ def check_group(group: str, ctx: dict, problems: list[str]) -> list[dict]:
             problems.append(f"LoRA: reference {plan.reference_dir}, not the base model's (the plain run's) {base}")
         check_loss_near_ln2(records, 2e-3 if bf16 else 1e-3, name, problems)
         check_files(plan.train_dir, (*adapter, f"{MERGED_MODEL}/model.safetensors"), problems)
+    if group == "padded":
+        # Same reference, same batches: the default layout's curve, to bf16 rounding (1e-5 in fp32 on CPU).
+        default, _ = check_training(plan_of("plain").train_dir, args.steps, problems)
+        tolerance = 2e-2 if bf16 else 1e-4
+        for packed, padded in zip(default, records, strict=False):
+            if abs(packed["loss"] - padded["loss"]) > tolerance:
+                problems.append(f"step {padded['step']}: loss {padded['loss']} padded, {packed['loss']} packed")
     if group == "lora-trdpo":
         chain = version_dir(plan.train_dir, 1) / AdapterReferenceSlices.ADAPTER_FILE
         check_files(plan.train_dir, (str(chain.relative_to(plan.train_dir)),), problems)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from pipeline.ds_config import check_config, check_lr_scheduler_type, check_optim
 from pipeline.errors import ConfigError
+from pipeline.layout import layout_error
 
 # A relative model, dataset, deepspeed or hostfile path is taken from the working directory when it exists there,
 # else from the repository root, so `dpo-pipeline ... --config configs/default.yaml` works from any directory.
@@ -99,6 +100,15 @@ class DPOPipelineConfig(BaseModel):
 
     # --- reference log-probs ---
     precompute_ref_batch_size: int | None = None  # pairs per reference forward (null: per_device_eval_batch_size)
+
+    # --- batch layout (pipeline/logprobs.py), in the reference pass and in training alike ---
+    # The pairs of a micro-batch as segments of one row, no padding (TRL's DPOConfig name; false: padded rows,
+    # grouped by length). The log-probs, losses and gradients are those of padded rows, to float rounding.
+    padding_free: bool = True
+    # Chosen and rejected as one segment with the prompt computed once (arXiv:2410.20305); needs padding_free and
+    # an attention that takes a block mask (sdpa, eager). null: on wherever it can be, off with FlashAttention
+    # (which packs by position ids alone), said in one log line.
+    prefix_sharing: bool | None = None
 
     # --- TR-DPO ---
     sync_ref_model: bool = False  # TR-DPO: refresh the reference from the policy every ref_model_sync_steps
@@ -406,6 +416,9 @@ class DPOPipelineConfig(BaseModel):
             raise ValueError("dtype: float16 training is not supported; use dtype: bfloat16 with bf16: true")
         if self.dtype == "bfloat16" and not self.bf16:
             raise ValueError("dtype: bfloat16 needs bf16: true (bf16 decides the training dtype here)")
+        layout = layout_error(self)
+        if layout:
+            raise ValueError(layout)
         # Loss-specific checks (names, weights, ranges) live beside the losses: one home per concept.
         self.loss_spec()
         # The ds_config (file, sections, "auto" values), optimizer and schedule: beside the ds_config's completion.

@@ -3,30 +3,49 @@
 Using the same code for both sides is what makes the step-0 parity hold: with policy == reference, the DPO
 log-ratio is 0 and the sigmoid loss is exactly ln 2, no matter how the two stages batch the data.
 
-Memory: the naive recipe, ``log_softmax(logits.float())`` then ``gather``, materialises a float32
-[batch, seq, vocab] tensor and keeps it for backward. Here:
+Two layouts of B pairs, the same log-probs (within float rounding; ``tests/test_logprobs.py``):
 
-* Sequences are **left**-padded, so every completion ends at the last position, and the model is asked for
-  logits of only the last ``K + 1`` positions (``logits_to_keep``; K = longest completion in the batch).
-  Prompt positions never reach the vocabulary projection.
-* :class:`_TokenLogProbs` computes ``logit[label] - logsumexp(logits)`` in float32 chunk by chunk over the
-  sequence, saving only the model-dtype logits and the [batch, K] logsumexp for backward; backward recomputes
-  the softmax chunk by chunk. Peak extra memory is one float32 chunk, whatever the model dtype.
+* :class:`PairBatch`, **padded**: 2B left-padded rows, prompt + chosen then prompt + rejected. Every
+  completion ends at the last position, so the model is asked for the logits of the last ``K + 1`` positions
+  only (``logits_to_keep``; K = longest completion).
+* :class:`PackedPairBatch`, **padding-free** (``padding_free``): the B pairs as segments of one row, no padding,
+  position ids restarting in each segment. With **prefix sharing** (``prefix_sharing``; Wang and Hegde 2024,
+  "Accelerating Direct Preference Optimization with Prefix Sharing", arXiv:2410.20305) a pair is one segment
+  ``prompt | chosen | rejected``: the rejected tokens attend to the prompt and to themselves, not to chosen, and
+  their position ids restart where the prompt ends, so each token sees exactly the context (and positions) it
+  has in its own padded row, while the prompt runs once instead of twice. The block mask is built on the device
+  for SDPA and eager attention; FlashAttention takes the packed position ids alone (its varlen path), which can
+  express packing but not a shared prefix. The lm-head runs on the positions that predict completion tokens
+  only (``logits_to_keep`` as an index tensor: the prompt's last position predicts both first tokens).
+
+Memory: the naive recipe, ``log_softmax(logits.float())`` then ``gather``, materialises a float32
+[batch, seq, vocab] tensor and keeps it for backward. :class:`_TokenLogProbs` computes
+``logit[label] - logsumexp(logits)`` in float32 chunk by chunk, saving only the model-dtype logits and the
+float32 logsumexp for backward; backward recomputes the softmax chunk by chunk. A chunk is sized in bytes
+(:data:`CHUNK_BYTES`), not positions, so a 128k vocabulary or a long packed row cannot blow the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from pipeline.layout import MASKED_ATTENTION, BatchLayout
 from pipeline.losses import PairLogps
 from pipeline.reference.cache import ReferenceLogps
+from pipeline.throughput import batch_counts
 
-# Positions per float32 chunk: 128 positions x 32k vocab x 4 bytes x batch 8 = 128 MiB at most.
-CHUNK_POSITIONS = 128
+log = logging.getLogger(__name__)
+
+# Bytes of one float32 chunk of logits (rows x positions x vocab x 4): 128 MiB whatever the vocabulary.
+CHUNK_BYTES = 128 * 2**20
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # PackedPairBatch.branch
 
 
 @dataclass
@@ -44,24 +63,101 @@ class PairBatch:
     def num_pairs(self) -> int:
         return self.example_ids.numel()
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(
-            *(
-                t.to(device)
-                for t in (
-                    self.input_ids,
-                    self.attention_mask,
-                    self.position_ids,
-                    self.completion_lengths,
-                    self.public_lengths,
-                    self.example_ids,
-                )
-            )
+        return PairBatch(**{name: t.to(device) for name, t in vars(self).items()})
+
+    def counts(self) -> Tensor:
+        """:data:`pipeline.throughput.COUNTS` of this batch (on its device, no host sync)."""
+        lengths = self.attention_mask.sum(-1, dtype=torch.float64)
+        return batch_counts(
+            tokens=lengths.sum(),
+            positions=lengths.new_full((), float(self.attention_mask.numel())),
+            squared_lengths=(lengths * lengths).sum(),
+            logit_tokens=self.completion_lengths.sum(dtype=torch.float64),
         )
+
+    def _forward(self, model) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(logits (2B, K, V), labels (2B, K), sequence of each label, offset of each label in its completion)."""
+        width = int(self.completion_lengths.max())
+        out = model(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            logits_to_keep=width + 1,
+            use_cache=False,
+        )
+        # The logit at position p predicts token p + 1: drop the last kept position, whose next token does not exist.
+        logits, labels = out.logits[:, :-1], self.input_ids[:, -width:]
+        # Index of each kept label within its own completion (negative inside the prompt or the padding).
+        offset = torch.arange(width, device=labels.device)[None, :] - (width - self.completion_lengths[:, None])
+        sequence = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+        return logits, labels, sequence, offset
+
+
+@dataclass
+class PackedPairBatch:
+    """B pairs as the segments of one row (batch dimension 1), no padding.
+
+    With ``prefix_shared`` a segment is ``prompt | chosen | rejected`` (one per pair); without, ``prompt | chosen``
+    and ``prompt | rejected`` are two segments. The completion tokens are listed in sequence order (the B chosen
+    completions, then the B rejected ones), each with the row position whose logits predict it."""
+
+    input_ids: Tensor  # (1, L) int64
+    position_ids: Tensor  # (1, L) int64: from 0 in each segment; a shared prompt's rejected branch restarts at |x|
+    segment_ids: Tensor  # (L,) int64: which segment each position is in (attention stays inside a segment)
+    branch: Tensor  # (L,) int64: 0 prompt, 1 chosen, 2 rejected (a rejected query never sees a chosen key)
+    predictors: Tensor  # (N,) int64: the position whose logits predict each completion token
+    labels: Tensor  # (N,) int64: the completion tokens
+    label_sequence: Tensor  # (N,) int64: the sequence of each (0..B-1 chosen, B..2B-1 rejected)
+    label_offset: Tensor  # (N,) int64: index of each within its completion
+    completion_lengths: Tensor  # (2B,) int64
+    public_lengths: Tensor  # (2B,) int64
+    example_ids: Tensor  # (B,) int64
+    squared_lengths: Tensor  # () float64: twice the (query, key) pairs attended (see pipeline.throughput)
+    prefix_shared: bool
+
+    @property
+    def num_pairs(self) -> int:
+        return self.example_ids.numel()
+
+    def to(self, device: torch.device | str) -> PackedPairBatch:
+        moved: dict[str, Any] = {n: t.to(device) for n, t in vars(self).items() if isinstance(t, Tensor)}
+        return dataclasses.replace(self, **moved)
+
+    def counts(self) -> Tensor:
+        tokens = self.squared_lengths.new_full((), float(self.input_ids.shape[1]))
+        return batch_counts(
+            tokens=tokens,
+            positions=tokens,
+            squared_lengths=self.squared_lengths,
+            logit_tokens=self.squared_lengths.new_full((), float(self.labels.numel())),
+        )
+
+    def attention_mask(self, attention: str, dtype: torch.dtype) -> Tensor | None:
+        """The (1, 1, L, L) mask for ``attention``: boolean for SDPA, additive for eager; None for the others,
+        which read the packing from the position ids (FlashAttention's varlen path)."""
+        if attention not in MASKED_ATTENTION:
+            if self.prefix_shared:
+                raise ValueError(f"prefix sharing needs {' or '.join(MASKED_ATTENTION)} attention, not {attention}")
+            return None
+        index = torch.arange(self.segment_ids.numel(), device=self.segment_ids.device)
+        allowed = (self.segment_ids[:, None] == self.segment_ids[None, :]) & (index[None, :] <= index[:, None])
+        # A rejected query sees the prompt and the rejected tokens before it, never the chosen branch.
+        allowed &= ~((self.branch[:, None] == REJECTED) & (self.branch[None, :] == CHOSEN))
+        if attention == "sdpa":
+            return allowed[None, None]
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def _forward(self, model) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        logits = model(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask(attention_implementation(model), model_dtype(model)),
+            position_ids=self.position_ids,
+            logits_to_keep=self.predictors,
+            use_cache=False,
+        ).logits
+        return logits, self.labels[None], self.label_sequence[None], self.label_offset[None]
 
 
 def reference_pair_logps(reference: ReferenceLogps, device: torch.device | str = "cpu") -> PairLogps:
@@ -96,10 +192,142 @@ def collate_pairs(rows: Sequence[dict], pad_token_id: int) -> PairBatch:
         attention_mask[i, width - len(seq) :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     lengths = torch.tensor(completion_lengths, dtype=torch.long)
-    half = len(rows)
-    public = torch.minimum(lengths[:half], lengths[half:]).repeat(2)
-    example_ids = torch.tensor([int(row["example_id"]) for row in rows], dtype=torch.long)
-    return PairBatch(input_ids, attention_mask, position_ids, lengths, public, example_ids)
+    return PairBatch(input_ids, attention_mask, position_ids, lengths, _public(lengths), _example_ids(rows))
+
+
+def pack_pairs(rows: Sequence[dict], *, prefix_sharing: bool) -> PackedPairBatch:
+    """The same rows as :func:`collate_pairs` -> one :class:`PackedPairBatch` row."""
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[int] = []
+    branch: list[int] = []
+    predictors: list[list[int]] = [[] for _ in range(2 * len(rows))]
+    squared = 0
+    for pair, row in enumerate(rows):
+        prompt, chosen, rejected = (
+            list(row[k]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+        )
+        p = len(prompt)
+        for side, completion in ((0, chosen), (1, rejected)):
+            if side == 0 or not prefix_sharing:
+                segment = 2 * pair + side if not prefix_sharing else pair
+                start = len(ids)  # the segment's prompt starts here
+                ids += prompt
+                positions += range(p)
+                segments += [segment] * p
+                branch += [PROMPT] * p
+            first = len(ids)
+            ids += completion
+            positions += range(p, p + len(completion))
+            segments += [segment] * len(completion)
+            branch += [CHOSEN if side == 0 else REJECTED] * len(completion)
+            # The first completion token is predicted by the prompt's last position, the others by the token before.
+            predictors[side * len(rows) + pair] = [start + p - 1, *range(first, first + len(completion) - 1)]
+        c, r = len(chosen), len(rejected)
+        squared += (p + c) ** 2 + (p + r) ** 2 - (p * p if prefix_sharing else 0)
+    lengths = torch.tensor(
+        [len(row["chosen_input_ids"]) for row in rows] + [len(row["rejected_input_ids"]) for row in rows]
+    )
+    labels = [token for side in ("chosen_input_ids", "rejected_input_ids") for row in rows for token in row[side]]
+    return PackedPairBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        segment_ids=torch.tensor(segments, dtype=torch.long),
+        branch=torch.tensor(branch, dtype=torch.long),
+        predictors=torch.tensor([i for seq in predictors for i in seq], dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        label_sequence=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
+        label_offset=torch.cat([torch.arange(int(n)) for n in lengths]),
+        completion_lengths=lengths,
+        public_lengths=_public(lengths),
+        example_ids=_example_ids(rows),
+        squared_lengths=torch.tensor(float(squared), dtype=torch.float64),
+        prefix_shared=prefix_sharing,
+    )
+
+
+def collate(rows: Sequence[dict], pad_token_id: int, layout: BatchLayout) -> PairBatch | PackedPairBatch:
+    """Rows of the tokenized artifact in ``layout``: padded rows or one packed row."""
+    if layout.padding_free:
+        return pack_pairs(rows, prefix_sharing=layout.prefix_sharing)
+    return collate_pairs(rows, pad_token_id)
+
+
+def honoured_layout(model, config, pad_token_id: int, device: torch.device | str = "cpu") -> BatchLayout:
+    """The layout the config asks for, if ``model`` honours it, else padded rows (one warning line naming why).
+
+    A probe, not a list of architectures: two short synthetic pairs, scored padded and packed, must agree (per
+    token, to float rounding). A model that ignores packed position ids or a custom 4D mask (remote code, an
+    attention kernel that cannot take one) fails it, and the stage runs padded instead. Under ZeRO-3 every rank
+    makes the same probe forwards. ``device``: where the model takes its inputs (a rank's GPU, even when ZeRO-3
+    offloads the parameters to the CPU)."""
+    attention = attention_implementation(model)
+    layout = BatchLayout.of(config, attention)
+    if not layout.padding_free:
+        return layout
+    if config.prefix_sharing is None and not layout.prefix_sharing:
+        log.info(
+            "%s attention: packed rows without a shared prompt (only %s take its block mask)",
+            attention,
+            " and ".join(MASKED_ATTENTION),
+        )
+    vocab = int(getattr(model, "module", model).config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(min(3, vocab - 1), vocab, (n,), generator=generator).tolist()
+
+    rows = [
+        dict(example_id=i, prompt_input_ids=tokens(6 + i), chosen_input_ids=tokens(4), rejected_input_ids=tokens(5 - i))
+        for i in range(2)
+    ]
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()  # dropout off (LoRA's too): the two forwards must be comparable
+    try:
+        with torch.no_grad():
+            padded = completion_logps(model, collate_pairs(rows, pad_token_id).to(device)).logps
+            packed = completion_logps(model, collate(rows, pad_token_id, layout).to(device)).logps
+    finally:
+        for module, training in modes:  # each module as it was (an inference engine's model stays in eval)
+            module.training = training
+    per_token = (padded - packed).abs() / torch.tensor([4, 4, 5, 4], device=device)
+    tolerance = 1e-3 if model_dtype(model) == torch.float32 else 5e-2
+    if float(per_token.max()) <= tolerance:
+        log.info("batch layout: %s (%s attention)", layout.describe(), attention)
+        return layout
+    log.warning(
+        "padding_free: this %s model (%s attention) does not honour packed rows (log-probs off by %.3g per token); "
+        "scoring padded rows instead",
+        getattr(getattr(model, "module", model).config, "model_type", "?"),
+        attention,
+        float(per_token.max()),
+    )
+    return BatchLayout(padding_free=False, prefix_sharing=False)
+
+
+def _public(lengths: Tensor) -> Tensor:
+    """min(|y_w|, |y_l|) of each pair, repeated for both halves (LD-DPO's public length)."""
+    half = lengths.numel() // 2
+    return torch.minimum(lengths[:half], lengths[half:]).repeat(2)
+
+
+def _example_ids(rows: Sequence[dict]) -> Tensor:
+    return torch.tensor([int(row["example_id"]) for row in rows], dtype=torch.long)
+
+
+def attention_implementation(model) -> str:
+    """The attention a (DeepSpeed-wrapped, peft-wrapped) Hugging Face model runs: ``sdpa``, ``eager``, ..."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    return str(module.config._attn_implementation)
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(getattr(model, "module", model).parameters()).dtype
+
+
+def _chunk(rows: int, vocab: int) -> int:
+    """Positions per float32 chunk of ``rows`` x positions x ``vocab`` logits within :data:`CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // (4 * rows * vocab))
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -112,11 +340,12 @@ class _TokenLogProbs(torch.autograd.Function):
     def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:  # logits (N, K, V), labels (N, K)
         token_logps = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(token_logps)
-        for start in range(0, labels.shape[1], CHUNK_POSITIONS):
-            chunk = logits[:, start : start + CHUNK_POSITIONS].float()
-            lse[:, start : start + CHUNK_POSITIONS] = torch.logsumexp(chunk, dim=-1)
-            picked = chunk.gather(-1, labels[:, start : start + CHUNK_POSITIONS, None]).squeeze(-1)
-            token_logps[:, start : start + CHUNK_POSITIONS] = picked - lse[:, start : start + CHUNK_POSITIONS]
+        step = _chunk(logits.shape[0], logits.shape[-1])
+        for start in range(0, labels.shape[1], step):
+            window = slice(start, start + step)
+            chunk = logits[:, window].float()
+            lse[:, window] = torch.logsumexp(chunk, dim=-1)
+            token_logps[:, window] = chunk.gather(-1, labels[:, window, None]).squeeze(-1) - lse[:, window]
         ctx.save_for_backward(logits, labels, lse)
         return token_logps
 
@@ -124,8 +353,9 @@ class _TokenLogProbs(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         logits, labels, lse = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        for start in range(0, labels.shape[1], CHUNK_POSITIONS):
-            window = slice(start, start + CHUNK_POSITIONS)
+        step = _chunk(logits.shape[0], logits.shape[-1])
+        for start in range(0, labels.shape[1], step):
+            window = slice(start, start + step)
             grad = grad_output[:, window, None].float()
             softmax = torch.exp(logits[:, window].float() - lse[:, window, None])
             chunk_grad = -grad * softmax
@@ -154,43 +384,36 @@ class SequenceLogps:
         return value[:half], value[half:]
 
 
-def completion_logps(model, batch: PairBatch, *, with_wpo_weights: bool = False) -> SequenceLogps:
-    """One forward over chosen and rejected together; log-probs of completion tokens only.
+def completion_logps(model, batch: PairBatch | PackedPairBatch, *, with_wpo_weights: bool = False) -> SequenceLogps:
+    """One forward over chosen and rejected together; log-probs of completion tokens only, summed per sequence.
 
-    ``model`` is a Hugging Face causal LM (or a DeepSpeed engine wrapping one) that accepts
-    ``logits_to_keep``. Gradients flow to the model when called outside ``no_grad``."""
-    completion_width = int(batch.completion_lengths.max())
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=completion_width + 1,
-        use_cache=False,
-    )
-    # The logit at position p predicts token p + 1: drop the last kept position, whose next token does not exist.
-    logits = out.logits[:, :-1]
-    labels = batch.input_ids[:, -completion_width:]
-    # Index of each kept label within its own completion (negative inside the prompt or the padding).
-    offset = torch.arange(completion_width, device=labels.device)[None, :] - (
-        completion_width - batch.completion_lengths[:, None]
-    )
+    ``model`` is a Hugging Face causal LM (or a DeepSpeed engine wrapping one) that accepts ``logits_to_keep``
+    and ``position_ids``. Gradients flow to the model when called outside ``no_grad``."""
+    logits, labels, sequence, offset = batch._forward(model)
+    sequences = batch.completion_lengths.numel()
+
+    def per_sequence(values: Tensor) -> Tensor:
+        return values.new_zeros(sequences).index_add_(0, sequence.reshape(-1), values.reshape(-1))
+
     in_completion = offset >= 0
     per_token = token_logprobs(logits, labels)
     # torch.where, not multiply: logits at padded positions may be non-finite and 0 * nan = nan.
     masked = torch.where(in_completion, per_token, 0.0)
-    public = torch.where(in_completion & (offset < batch.public_lengths[:, None]), per_token, 0.0)
+    public = torch.where(in_completion & (offset < batch.public_lengths[sequence]), per_token, 0.0)
     wpo = None
     if with_wpo_weights:
         with torch.no_grad():
             # logsumexp_v(2 log p_v) = logsumexp_v(2 x_v) - 2 logsumexp_v(x_v), chunked like the forward.
+            step = _chunk(logits.shape[0], logits.shape[-1])
             adjust = torch.cat(
                 [
-                    torch.logsumexp(2 * logits[:, s : s + CHUNK_POSITIONS].float(), dim=-1)
-                    - 2 * torch.logsumexp(logits[:, s : s + CHUNK_POSITIONS].float(), dim=-1)
-                    for s in range(0, completion_width, CHUNK_POSITIONS)
+                    torch.logsumexp(2 * logits[:, s : s + step].float(), dim=-1)
+                    - 2 * torch.logsumexp(logits[:, s : s + step].float(), dim=-1)
+                    for s in range(0, labels.shape[1], step)
                 ],
                 dim=1,
             )
             adjusted = torch.where(in_completion, per_token.detach() - adjust, 0.0)
-            wpo = adjusted.sum(-1) / batch.completion_lengths.clamp(min=1)
-    return SequenceLogps(masked.sum(-1), batch.completion_lengths.to(torch.float32), public.sum(-1), wpo)
+            wpo = per_sequence(adjusted) / batch.completion_lengths.clamp(min=1)
+    lengths = batch.completion_lengths.to(torch.float32)
+    return SequenceLogps(per_sequence(masked), lengths, per_sequence(public), wpo)

@@ -63,14 +63,41 @@ class TrainingSchedule:
         """All examples consumed by steps [start_step, stop_step), with repeats if an example recurs."""
         return np.concatenate([self.step_ids(s) for s in range(start_step, min(stop_step, self.num_steps))])
 
-    def micro_batches(self, step: int, rank: int, world: int, accumulation: int) -> list[np.ndarray]:
-        """This rank's micro-batches of a step, in accumulation order.
+    def micro_batches(
+        self, step: int, rank: int, world: int, accumulation: int, lengths: np.ndarray | None = None, *, packed=False
+    ) -> list[np.ndarray]:
+        """This rank's micro-batches of a step, in accumulation order: micro-batch ``a`` of rank ``r`` is bin
+        ``a * world + r`` of the global batch cut into ``world * accumulation`` bins, so every rank makes the same
+        number of forwards (ZeRO-3 needs ranks in lockstep) and the bins do not depend on how they are spread.
 
-        Micro-batch ``a`` of rank ``r`` is slice ``a * world + r`` of the global batch: every rank gets the
-        same number of equally sized micro-batches (ZeRO-3 needs ranks in lockstep)."""
+        ``lengths``: each pair's tokens in the run's layout (aligned with :meth:`step_ids`). Without them the bins
+        are equal slices in schedule order. With them, padded rows (``packed`` false) get equal slices of the
+        batch sorted by length, so a micro-batch pads to a length near its own; packed rows get bins balanced
+        by tokens (longest pair first into the lightest bin), of unequal pair counts: the caller weights each
+        micro-batch's mean loss by its pairs (:meth:`pair_weight`). The gradient is a sum over pairs, so
+        neither changes it; a loss that is not a per-pair mean (BCO's running mean, AOT's sorting within a
+        micro-batch) sees different micro-batches."""
         batch = self.step_ids(step)
-        micro = self.global_batch_size // (world * accumulation)
-        return [batch[(a * world + rank) * micro : (a * world + rank + 1) * micro] for a in range(accumulation)]
+        bins = world * accumulation
+        if lengths is None or not packed:
+            if lengths is not None:
+                batch = batch[np.lexsort((batch, lengths))]
+            micro = self.global_batch_size // bins
+            groups = [batch[b * micro : (b + 1) * micro] for b in range(bins)]
+        else:
+            load = np.zeros(bins, dtype=np.int64)
+            members: list[list[int]] = [[] for _ in range(bins)]
+            for i in np.lexsort((batch, -lengths)):
+                lightest = int(np.argmin(load))  # the first of equals: deterministic on every rank
+                members[lightest].append(int(i))
+                load[lightest] += lengths[i]
+            groups = [batch[np.sort(m)] for m in members]
+        return [groups[a * world + rank] for a in range(accumulation)]
+
+    def pair_weight(self, pairs: int, world: int, accumulation: int) -> float:
+        """What a micro-batch of ``pairs`` multiplies its mean loss by so that DeepSpeed's mean over the
+        ``world * accumulation`` micro-batches is the mean over the global batch's pairs (1.0 for equal bins)."""
+        return pairs * world * accumulation / self.global_batch_size
 
 
 @dataclass(frozen=True)

@@ -272,16 +272,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, 
 COUNTS = ("tokens", "padded_positions", "squared_lengths", "logit_tokens")
 
 
-def batch_counts(attention_mask: torch.Tensor, completion_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """One batch's ``COUNTS`` as a float64 (4,) tensor on the mask's device (no host sync): real tokens, positions
-    run, sum of squared real lengths (for ``seq_len`` = squared_lengths / tokens), and the tokens whose logits
-    are used (the completion tokens; every token without ``completion_lengths``). Sums over micro-batches and
-    ranks stay exact: add them, all-reduce them with the step's other sums."""
-    lengths = attention_mask.sum(-1, dtype=torch.float64)
-    tokens = lengths.sum()
-    logits = tokens if completion_lengths is None else completion_lengths.sum(dtype=torch.float64)
-    positions = lengths.new_full((), float(attention_mask.numel()))  # a fill on the device, not a host copy
-    return torch.stack([tokens, positions, (lengths * lengths).sum(), logits.to(attention_mask.device)])
+def batch_counts(
+    *, tokens: torch.Tensor, positions: torch.Tensor, squared_lengths: torch.Tensor, logit_tokens: torch.Tensor
+) -> torch.Tensor:
+    """One batch's ``COUNTS`` as a float64 (4,) tensor on the batch's device (no host sync): real tokens run,
+    positions run (padding included), sum of squared real lengths (for ``seq_len`` = squared_lengths / tokens;
+    with a shared prompt, (|x|+|y_w|)^2 + (|x|+|y_l|)^2 - |x|^2, the attended pairs), and the tokens whose
+    logits are used. Sums over micro-batches and ranks stay exact: add them, all-reduce them with the step's
+    other sums. The batch types compute them (:meth:`pipeline.logprobs.PairBatch.counts`)."""
+    return torch.stack([t.to(torch.float64) for t in (tokens, positions, squared_lengths, logit_tokens)])
 
 
 class StepThroughput:

@@ -30,7 +30,6 @@ ALIASES: dict[str, str] = {
 NO_EFFECT: dict[str, str] = {
     # how TRL's trainer runs, where this pipeline has one way
     "precompute_ref_log_probs": "the reference log-probs are always precomputed (same values either way)",
-    "padding_free": "batches are padded here (same results; packing is a throughput option still to come)",
     "pad_to_multiple_of": "padding changes no result (masked)",
     "use_liger_kernel": "the log-probs are already computed chunked, without the full-vocabulary float32 logits",
     "liger_kernel_config": "see use_liger_kernel",

@@ -71,15 +71,16 @@ def metrics_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_curves(a: list[dict], b: list[dict], tol: float = 1e-5) -> None:
-    """Two runs' records step for step, every number but the clock's within ``tol``."""
+def assert_same_curves(a: list[dict], b: list[dict], tol: float = 1e-5, ignore: tuple[str, ...] = ()) -> None:
+    """Two runs' records step for step, every number but the clock's (and ``ignore``'s) within ``tol``, relative
+    for numbers above 1 (a gradient norm of 140 carries float32 rounding of 1e-5)."""
     from pipeline.metrics import TIMED_KEYS
 
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
         for key in x:
-            if key not in TIMED_KEYS:
-                assert abs(x[key] - y[key]) <= tol, (x["step"], key, x[key], y[key])
+            if key not in TIMED_KEYS and key not in ignore:
+                assert abs(x[key] - y[key]) <= tol * max(1.0, abs(x[key])), (x["step"], key, x[key], y[key])
 
 
 def train_one_and_two_ranks(make, **common) -> tuple[Path, Path]:

@@ -21,9 +21,10 @@ from pipeline.artifacts import WEIGHT_DIGESTS_DIR, model_weights_hash
 from pipeline.cli import build_parser
 from pipeline.config import REPO_ROOT, save_config
 from pipeline.errors import ConfigError
+from pipeline.logprobs import collate_pairs
 from pipeline.plan import Plan
 from pipeline.reference.stage import _inference_ds_config, model_parameter_count, reference_stage
-from pipeline.throughput import COUNTS, batch_counts
+from pipeline.throughput import COUNTS
 from pipeline.tokenize.stage import tokenize_stage
 from pipeline.train.stage import MetricSums, read_summary, weight_decay_groups
 
@@ -136,11 +137,11 @@ def test_weight_decay_groups_use_the_full_shape_of_zero3_partitioned_parameters(
 def test_metric_sums_stay_on_the_engines_device_until_the_one_transfer():
     # The meta device stands in for CUDA: a .cpu() or a host scalar on the way would fail or leave meta.
     sums = MetricSums(torch.device("meta"))
-    mask = torch.ones(4, 6, dtype=torch.long, device="meta")
+    row = dict(example_id=0, prompt_input_ids=[7], chosen_input_ids=[8, 9], rejected_input_ids=[3, 4, 5, 6])
     sums.add(
         {"loss": torch.ones((), device="meta"), "rewards/margins": torch.ones((), device="meta")},
         2,
-        batch_counts(mask, torch.ones(4, dtype=torch.long, device="meta")),  # the throughput counts too
+        collate_pairs([row], pad_token_id=0).to("meta").counts(),  # the throughput counts too
     )
     sums.add_names(["loss", "rewards/margins"])
     reduced = sums.reduced()

@@ -97,6 +97,19 @@ def test_sync_ref_model_with_reference_free_is_refused():
         load_config(None, ["sync_ref_model=true", "reference_free=true"])
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["prefix_sharing=true", "padding_free=false"], "prefix_sharing: a shared prompt is a segment of a packed row"),
+        (["prefix_sharing=true", "attn_implementation=flash_attention_2"], "cannot take the block mask"),
+    ],
+)
+def test_a_layout_that_cannot_hold_is_refused_naming_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    load_config(None, ["padding_free=false"])  # prefix_sharing null follows padding_free
+
+
 def test_overrides_parse_as_yaml_and_win_over_the_file(tmp_path):
     cfg = load_config(
         write(tmp_path, "beta: 0.3\nmax_completion_length: 100\n"),

@@ -1,11 +1,14 @@
-"""The shared log-prob function against the obvious computation, and its memory-light backward."""
+"""The shared log-prob function against the obvious computation, its memory-light backward, and the packed
+layouts (padding-free, prefix sharing) against the padded one."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import logprobs
-from pipeline.logprobs import collate_pairs, completion_logps, token_logprobs
+from pipeline.config import DPOPipelineConfig
+from pipeline.layout import BatchLayout
+from pipeline.logprobs import collate_pairs, completion_logps, honoured_layout, pack_pairs, token_logprobs
 
 
 def random_rows(n, seed=0):
@@ -48,7 +51,7 @@ def test_matches_an_unpadded_forward(tiny_model_dir):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_chunked_backward_matches_log_softmax_autograd(monkeypatch, dtype, tol):
-    monkeypatch.setattr(logprobs, "CHUNK_POSITIONS", 7)  # several chunks, one partial
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 7 * 3 * 11 * 4)  # 7 positions per chunk: several, one partial
     logits = torch.randn(3, 20, 11).to(dtype).requires_grad_()
     labels = torch.randint(0, 11, (3, 20))
     weights = torch.randn(3, 20)
@@ -69,3 +72,77 @@ def test_padding_does_not_change_a_sequence(tiny_model_dir):
         alone = torch.cat([completion_logps(model, collate_pairs([r], 2)).logps for r in rows])
     # Reorder the one-by-one results (chosen, rejected per row) into the batch layout (all chosen, all rejected).
     torch.testing.assert_close(together, torch.cat([alone[0::2], alone[1::2]]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunk_is_sized_in_bytes_whatever_the_vocabulary():
+    assert logprobs._chunk(rows=1, vocab=128_256) * 128_256 * 4 <= logprobs.CHUNK_BYTES
+    assert logprobs._chunk(rows=8, vocab=32_000) == logprobs.CHUNK_BYTES // (4 * 8 * 32_000)
+    assert logprobs._chunk(rows=64, vocab=10**9) == 1  # never zero positions
+
+
+def weighted_logps_and_grads(model, batch):
+    """Per-sequence outputs, and the gradient of a weighting of them that tells chosen from rejected apart."""
+    model.zero_grad()
+    out = completion_logps(model, batch, with_wpo_weights=True)
+    weights = torch.linspace(-1.0, 2.0, out.logps.numel())
+    ((out.logps + 0.5 * out.public_logps) * weights).sum().backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared-prompt", "packed"])
+def test_packed_rows_give_the_padded_log_probs_and_gradients(tiny_model_dir, attention, prefix_sharing):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
+    rows = random_rows(7, seed=3)
+    padded, padded_grads = weighted_logps_and_grads(model, collate_pairs(rows, 2))
+    packed_batch = pack_pairs(rows, prefix_sharing=prefix_sharing)
+    packed, packed_grads = weighted_logps_and_grads(model, packed_batch)
+    for name in ("logps", "public_logps", "lengths", "wpo_log_weights"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=1e-5)
+    for name, grad in padded_grads.items():  # float rounding, relative to each gradient's own scale
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()))
+    # One row, no padding; a shared prompt is in it once.
+    prompts = sum(len(r["prompt_input_ids"]) for r in rows)
+    completions = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+    assert packed_batch.input_ids.shape == (1, prompts * (1 if prefix_sharing else 2) + completions)
+
+
+def test_a_shared_prompt_hides_chosen_from_rejected(tiny_model_dir):
+    """The block mask is what makes prefix sharing exact: let rejected see chosen and the log-probs move."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = random_rows(4, seed=5)
+    batch = pack_pairs(rows, prefix_sharing=True)
+    with torch.no_grad():
+        padded = completion_logps(model, collate_pairs(rows, 2)).logps
+        exact = completion_logps(model, batch).logps
+        batch.branch.zero_()  # every token a prompt token: rejected now attends to chosen
+        leaked = completion_logps(model, batch).logps
+    torch.testing.assert_close(exact, padded, rtol=1e-5, atol=1e-5)
+    half = len(rows)
+    torch.testing.assert_close(leaked[:half], padded[:half], rtol=1e-5, atol=1e-5)  # chosen never saw rejected
+    assert (leaked[half:] - padded[half:]).abs().min() > 1e-3
+
+
+def test_flash_attention_packs_by_position_ids_without_a_shared_prompt(tiny_model_dir):
+    batch = pack_pairs(random_rows(2), prefix_sharing=False)
+    assert batch.attention_mask("flash_attention_2", torch.bfloat16) is None  # varlen reads position_ids
+    assert (batch.position_ids[0] == 0).sum() == 4  # four segments, each from position 0
+    with pytest.raises(ValueError, match="prefix sharing needs sdpa or eager"):
+        pack_pairs(random_rows(2), prefix_sharing=True).attention_mask("flash_attention_2", torch.bfloat16)
+    auto = DPOPipelineConfig(attn_implementation="flash_attention_2")
+    assert BatchLayout.of(auto) == BatchLayout(padding_free=True, prefix_sharing=False)
+    assert BatchLayout.of(DPOPipelineConfig()) == BatchLayout(padding_free=True, prefix_sharing=True)
+
+
+def test_a_model_that_ignores_the_packed_mask_is_scored_padded(tiny_model_dir, monkeypatch, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    model.model.layers[0].eval()  # a module left in eval on purpose stays so; the others stay in train
+    config = DPOPipelineConfig()
+    assert honoured_layout(model, config, pad_token_id=2) == BatchLayout(padding_free=True, prefix_sharing=True)
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+    # A model whose attention drops custom masks (as remote code without the 4D-mask path does): plain causal.
+    monkeypatch.setattr(logprobs.PackedPairBatch, "attention_mask", lambda self, attention, dtype: None)
+    with caplog.at_level("WARNING"):
+        layout = honoured_layout(model, config, pad_token_id=2)
+    assert layout == BatchLayout(padding_free=False, prefix_sharing=False)
+    assert "does not honour packed rows" in caplog.text and "scoring padded rows instead" in caplog.text

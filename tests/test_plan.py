@@ -38,6 +38,8 @@ ALTERNATIVES = {
     "discopop_tau": 0.1,
     "ipo_length_normalized": True,
     "precompute_ref_batch_size": 4,
+    "padding_free": False,
+    "prefix_sharing": False,
     "sync_ref_model": True,
     "ref_model_mixup_alpha": 0.5,
     "ref_model_sync_steps": 100,

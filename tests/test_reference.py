@@ -26,6 +26,7 @@ from pipeline.artifacts import MANIFEST, read_manifest, write_manifest, write_pa
 from pipeline.config import REPO_ROOT, load_config, save_config
 from pipeline.errors import ArtifactError, ConfigError, DataError, StorageError
 from pipeline.launch import job_environment
+from pipeline.layout import BatchLayout
 from pipeline.logprobs import reference_pair_logps
 from pipeline.plan import Plan
 from pipeline.reference import cache
@@ -97,6 +98,22 @@ def test_values_match_a_plain_transformers_forward(scored, tiny_model_dir):
         assert got.rejected_lengths.tolist() == [r["rejected_length"] for r in rows]
         # Completions that differ in length make the public (LD-DPO) sum a strict part of the longer one.
         assert any(r["chosen_length"] != r["rejected_length"] for r in rows)
+
+
+def test_padded_rows_and_packed_rows_with_a_shared_prompt_score_the_same(scored, tmp_path):
+    """The default layout (packed rows, the prompt computed once per pair) against padded rows: one artifact's
+    values, to float rounding, so the layout is no input of the reference fingerprint."""
+    config, _, ref_dir = scored
+    assert BatchLayout.of(config) == BatchLayout(padding_free=True, prefix_sharing=True)
+    padded = config.model_copy(update={"output_dir": str(tmp_path / "out"), "padding_free": False})
+    tokenize_stage(padded)
+    out = reference_stage(padded)
+    assert out.name == ref_dir.name
+    for split in ("train", "eval"):
+        shared, rows = _values(ref_dir, split), _values(out, split)
+        assert np.array_equal(shared["example_id"], rows["example_id"])
+        for name in cache.VALUE_COLUMNS:
+            np.testing.assert_allclose(shared[name], rows[name], rtol=1e-5, atol=1e-5, err_msg=f"{split} {name}")
 
 
 def test_reference_rows_come_in_the_requested_order(scored):

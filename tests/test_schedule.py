@@ -48,3 +48,28 @@ def test_max_steps_wins_and_oversized_batch_is_refused():
     assert schedule(max_steps=5).num_steps == 5
     with pytest.raises(ConfigError, match="global batch"):
         schedule(per_device_train_batch_size=64)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_length_aware_bins_hold_the_global_batch_and_do_not_depend_on_the_process_count(packed):
+    one = schedule(world=1, per_device_train_batch_size=8, gradient_accumulation_steps=4)
+    two = schedule(world=2, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    rng = np.random.default_rng(0)
+    lengths_of = dict(zip(range(0, 100, 2), rng.integers(10, 500, size=50).tolist(), strict=True))
+    for step in range(one.num_steps):
+        ids = one.step_ids(step)
+        lengths = np.array([lengths_of[i] for i in ids])
+        bins_one = one.micro_batches(step, 0, 1, 4, lengths, packed=packed)
+        bins_two = [two.micro_batches(step, r, 2, 2, lengths, packed=packed) for r in range(2)]
+        # Bin a * world + r is rank r's micro-batch a: the same four bins, spread differently.
+        assert [b.tolist() for b in bins_one] == [bins_two[a % 2][a // 2].tolist() for a in range(4)]
+        assert sorted(np.concatenate(bins_one).tolist()) == sorted(ids.tolist())  # every pair once
+        tokens = [sum(lengths_of[i] for i in b) for b in bins_one]
+        if packed:  # balanced by tokens: no bin holds more than the mean plus its longest pair
+            assert max(tokens) - min(tokens) <= max(lengths)
+            weights = [one.pair_weight(len(b), 1, 4) for b in bins_one]
+            assert sum(w / 4 for w in weights) == pytest.approx(1.0)  # DeepSpeed's mean of weighted means
+        else:  # equal pair counts, grouped by length: each bin's longest is at most the next bin's shortest
+            assert {len(b) for b in bins_one} == {8}
+            spans = [(min(lengths_of[i] for i in b), max(lengths_of[i] for i in b)) for b in bins_one]
+            assert all(spans[k][1] <= spans[k + 1][0] for k in range(3))

@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import throughput
 from pipeline.config import REPO_ROOT
-from pipeline.throughput import ModelFlops, StepThroughput, batch_counts, peak_flops, table_peak
+from pipeline.logprobs import collate_pairs, pack_pairs
+from pipeline.throughput import ModelFlops, StepThroughput, peak_flops, table_peak
 
 D, F, LAYERS, HEADS, VOCAB = 64, 128, 2, 4, 256
 T, B = 32, 2  # the fixed sequence length and batch of the FlopCounterMode runs
@@ -288,14 +289,17 @@ def test_step_metrics_arithmetic():
 
 
 def test_batch_counts_of_a_left_padded_pair_batch():
-    # Two sequences (chosen, rejected) of lengths 3 and 5, left-padded to 6; completions of 2 and 4 tokens.
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
-    counts = batch_counts(mask, torch.tensor([2, 4]))
+    # One pair: prompt of 1 token, chosen of 2, rejected of 4: sequences of 3 and 5, left-padded to 5.
+    row = dict(example_id=0, prompt_input_ids=[7], chosen_input_ids=[8, 9], rejected_input_ids=[3, 4, 5, 6])
+    counts = collate_pairs([row], pad_token_id=0).counts()
     assert counts.dtype == torch.float64
-    assert counts.tolist() == [8.0, 12.0, 9.0 + 25.0, 6.0]
-    tokens, positions, squares, logits = (counts + batch_counts(mask, torch.tensor([2, 4]))).tolist()
-    assert (tokens, positions, squares / tokens, logits) == (16.0, 24.0, 34.0 / 8.0, 12.0)
-    assert batch_counts(mask)[3] == 8.0  # no completion lengths: every token's logits count
+    assert counts.tolist() == [8.0, 10.0, 9.0 + 25.0, 6.0]
+    tokens, positions, squares, logits = (counts + counts).tolist()
+    assert (tokens, positions, squares / tokens, logits) == (16.0, 20.0, 34.0 / 8.0, 12.0)
+    # Packed with a shared prompt: 7 positions, none padding; the prompt's pairs counted once.
+    packed = pack_pairs([row], prefix_sharing=True).counts()
+    assert packed.tolist() == [7.0, 7.0, 9.0 + 25.0 - 1.0, 6.0]
+    assert pack_pairs([row], prefix_sharing=False).counts().tolist() == [8.0, 8.0, 34.0, 6.0]
     # seq_len = sum(l^2) / sum(l) makes tokens x 4LA x seq_len the exact attention FLOPs: 4LA (3^2 + 5^2).
     flops = known_flops()
     attention = flops.forward_flops_per_token(34.0 / 8.0) - flops.forward_flops_per_token(0.0)

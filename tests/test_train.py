@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import kill_9_after_checkpoint_then_rerun, train_one_and_two_ranks
+from conftest import assert_same_curves, kill_9_after_checkpoint_then_rerun, metrics_records, train_one_and_two_ranks
 from safetensors.torch import load_file
 
 from pipeline.artifacts import MANIFEST, hash_file, is_complete
@@ -329,17 +329,32 @@ def test_sigkill_then_rerun_reaches_the_uninterrupted_weights(prepared, tmp_path
     assert without_timing(records(run)) == metrics
 
 
+def curve_settings(ds_config: str, **settings) -> dict:
+    """A run whose curve other runs must equal: the ds_config, sigmoid + IPO (two terms, large gradients)."""
+    return dict(deepspeed=str(CONFIGS / ds_config), loss_type=["sigmoid", "ipo"], **settings)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["ds_zero2.json", "ds_zero3.json"])
+def test_packed_rows_with_a_shared_prompt_give_the_padded_loss_curve(prepared, ds_config):
+    """20 steps in padded rows, and in the default layout (packed rows, the prompt shared) on 1 and 2 ranks: the
+    same losses, rewards, gradient norms and evaluations, with no padding left."""
+    common = curve_settings(ds_config, per_device_train_batch_size=2, max_steps=20, eval_steps=10)
+    padded = train_stage(prepared(padding_free=False, gradient_accumulation_steps=2, **common))
+    run_one, run_two = train_one_and_two_ranks(prepared, **common)
+    assert_same_curves(metrics_records(padded), metrics_records(run_one), ignore=("padding_fraction",))
+    assert max_difference(weights(padded), weights(run_two)) <= 1e-5
+    steps = [r for r in metrics_records(run_two) if "loss" in r]
+    assert len(steps) == 20 and abs(steps[0]["loss/sigmoid"] - math.log(2)) < 1e-5  # policy == reference
+    assert all(r["padding_fraction"] == 0.0 for r in steps)
+    assert min(r["padding_fraction"] for r in metrics_records(padded) if "loss" in r) > 0.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["ds_zero2.json", "ds_zero3.json"])
 def test_two_processes_give_the_loss_curve_of_one(prepared, ds_config):
     """1 process x accumulation 2 and 2 processes x accumulation 1: the same global batches, the same curve."""
-    common = dict(
-        deepspeed=str(CONFIGS / ds_config),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        eval_steps=2,
-        loss_type=["sigmoid", "ipo"],
-    )
+    common = curve_settings(ds_config, per_device_train_batch_size=4, max_steps=4, eval_steps=2)
     run_one, run_two = train_one_and_two_ranks(prepared, **common)
     assert max_difference(weights(run_one), weights(run_two)) <= 1e-5
     assert read_summary(run_two)["world_size"] == 2

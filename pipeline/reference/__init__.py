@@ -15,7 +15,8 @@ Features:
   processes under any launcher; gloo on CPU, nccl on GPU. ``eval()`` and ``no_grad``.
 * **One log-prob function.** :func:`pipeline.logprobs.completion_logps`, the very function training calls for
   the policy: completion tokens only, float32 accumulation whatever the model dtype, no full
-  [batch, seq, vocab] float32 log-softmax. Model dtype bf16 when ``bf16`` is set, else fp32.
+  [batch, seq, vocab] float32 log-softmax. Model dtype bf16 when ``bf16`` is set, else fp32. In training's
+  layout (:mod:`pipeline.layout`): by default a batch is one packed row with each prompt computed once.
 * **Length-sorted batches.** Within a shard, pairs are sorted by padded length (longest first, so a batch too
   large for memory fails at once) and cut into batches of ``precompute_ref_batch_size``; batch ``i`` goes to
   rank ``i % world``. Output rows are in ``example_id`` order regardless. A progress bar shows tokens/s.

@@ -36,7 +36,8 @@ from pipeline.distributed import (
 )
 from pipeline.ds_config import model_hidden_size, resolve_ds_config, user_ds_config, zero_stage
 from pipeline.errors import ConfigError, DataError
-from pipeline.logprobs import collate_pairs, completion_logps
+from pipeline.layout import BatchLayout
+from pipeline.logprobs import collate, completion_logps, honoured_layout
 from pipeline.models import code_kwargs, model_kwargs
 from pipeline.plan import Plan
 from pipeline.ranks import is_main_process, rank, world_size
@@ -159,13 +160,14 @@ def compute_reference_logps(
         pad = int(tokenized["pad_token_id"])
         if engine is not None:
             _score_shards(
-                engine, _reference_batch_size(config), tables, todo, out_dir, fp, pad_token_id=pad, stats=stats
+                config, engine, _reference_batch_size(config), tables, todo, out_dir, fp, pad_token_id=pad, stats=stats
             )
         else:
             assert model_dir is not None  # checked above: without an engine, model_dir is required
             loaded = _load_engine(config, model_dir)
             try:
                 _score_shards(
+                    config,
                     loaded,
                     int(loaded.train_micro_batch_size_per_gpu()),
                     tables,
@@ -260,7 +262,8 @@ def _check_vocabulary(tokenized_dir: Path, tables: Mapping[str, pa.Table], vocab
 
 
 def _sequence_tokens(table: pa.Table) -> int:
-    """Real (non-pad) tokens the model reads for these pairs: the prompt twice, plus both completions."""
+    """The pairs' tokens as two sequences: the prompt twice, plus both completions (a shared prompt runs once
+    but counts twice, so rates compare across layouts)."""
     return int(pc.sum(table.column("prompt_length")).as_py() or 0) * 2 + sum(
         int(pc.sum(table.column(name)).as_py() or 0) for name in ("chosen_length", "rejected_length")
     )
@@ -361,6 +364,7 @@ def _reference_batch_size(config: DPOPipelineConfig) -> int:
 
 
 def _score_shards(
+    config: DPOPipelineConfig,
     engine,
     batch_size: int,
     tables: Mapping[str, pa.Table],
@@ -372,6 +376,7 @@ def _score_shards(
     stats: _Stats,
 ) -> None:
     me, world = rank(), world_size()
+    layout = honoured_layout(engine, config, pad_token_id, device())
     rows_of = {split: table.column("example_id").to_numpy() for split, table in tables.items()}
     total = sum(
         _sequence_tokens(tables[s.split].take(pa.array(np.searchsorted(rows_of[s.split], s.example_ids)))) for s in todo
@@ -389,7 +394,7 @@ def _score_shards(
             for step in range(math.ceil(len(batches) / world)):
                 # Under ZeRO-3 each forward gathers parameters collectively: a rank out of batches repeats one.
                 indices = mine[step] if step < len(mine) else (mine or batches)[-1]
-                scored = _score_batch(engine, table, indices, pad_token_id)
+                scored = _score_batch(engine, table, indices, pad_token_id, layout)
                 stats.forwards += 1
                 if step < len(mine):
                     results.append(scored)
@@ -407,9 +412,11 @@ def _score_shards(
     stats.forwards = sum(all_gather_objects(stats.forwards))
 
 
-def _score_batch(engine, table: pa.Table, indices: np.ndarray, pad_token_id: int) -> dict[str, Any]:
+def _score_batch(
+    engine, table: pa.Table, indices: np.ndarray, pad_token_id: int, layout: BatchLayout
+) -> dict[str, Any]:
     rows = table.select(["example_id", *_TOKEN_COLUMNS]).take(pa.array(indices)).to_pylist()
-    batch = collate_pairs(rows, pad_token_id).to(device())
+    batch = collate(rows, pad_token_id, layout).to(device())
     with torch.no_grad():  # not inference_mode: ZeRO-3's parameter gather hooks modify parameters in place
         out = completion_logps(engine, batch)
     chosen, rejected = (t.cpu().numpy() for t in out.halves("logps"))
@@ -423,7 +430,10 @@ def _score_batch(engine, table: pa.Table, indices: np.ndarray, pad_token_id: int
         "ref_rejected_public_logps": rejected_public,
         "chosen_length": chosen_len,
         "rejected_length": rejected_len,
-        "tokens": batch.num_tokens,
+        # The two sequences' tokens, whatever the layout ran: the rate stays comparable across layouts.
+        "tokens": sum(
+            2 * len(r["prompt_input_ids"]) + len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows
+        ),
     }
 
 

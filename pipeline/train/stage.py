@@ -20,9 +20,12 @@ One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
    ZeRO 0-3, CPU offload, fp32 or bf16: whatever the ds_config says. With ``use_peft`` the policy is the base
    with LoRA adapters (:mod:`pipeline.train.lora`): the optimizer holds the adapters, checkpoints too.
 3. **Step**: the examples of each optimizer step come from :class:`pipeline.schedule.TrainingSchedule` (seeded,
-   its own generator), so a resumed or differently sharded run reads the same global batches. Each micro-batch
-   is one forward over chosen and rejected together through :func:`pipeline.logprobs.completion_logps`, the
-   function the reference pass used (so step 0 with policy == reference gives exactly ln 2), then
+   its own generator), so a resumed or differently sharded run reads the same global batches, cut into
+   micro-batches by length (balanced by tokens in packed rows, each weighted by its pairs; grouped by length in
+   padded ones). Each micro-batch is one forward over chosen and rejected together, in the layout the model
+   honours (:mod:`pipeline.layout`: one packed row, the prompt shared, by default), through
+   :func:`pipeline.logprobs.completion_logps`, the function the reference pass used (so step 0 with policy ==
+   reference gives ln 2), then
    :func:`pipeline.losses.compute_loss` (every variant, MPO sums). DeepSpeed averages the gradient over
    accumulation and ranks, clips it and steps optimizer and schedule. Under TR-DPO a step that opens a window
    first syncs the reference and scores the window (:mod:`pipeline.train.tr_dpo`), in this engine.
@@ -43,7 +46,8 @@ One recipe class, :class:`DPOTrainingRecipe`, in the order it runs:
 
 Trade-offs: metrics cost one all-reduce per step (a few floats; ZeRO synchronises every step anyway). The
 BCO running mean is updated per micro-batch, so gradient accumulation and more ranks at the same global batch
-give slightly different BCO losses (every other variant is identical), and AOT sorts within a micro-batch.
+give slightly different BCO losses (every other variant is identical), and AOT sorts within a micro-batch; the
+length-aware micro-batches change which pairs those two see together, nothing else.
 Checkpoints are DeepSpeed's partitioned format: a resume needs the same world size (checked), while the
 final model is plain Hugging Face. Under bf16 the final model holds the module's bf16 weights.
 """
@@ -88,7 +92,15 @@ from pipeline.distributed import (
 )
 from pipeline.ds_config import model_hidden_size, num_warmup_steps, resolve_ds_config, zero_stage
 from pipeline.errors import ArtifactError, ConfigError, TrainingDiverged
-from pipeline.logprobs import PairBatch, collate_pairs, completion_logps, reference_pair_logps
+from pipeline.layout import BatchLayout
+from pipeline.logprobs import (
+    PackedPairBatch,
+    PairBatch,
+    collate,
+    completion_logps,
+    honoured_layout,
+    reference_pair_logps,
+)
 from pipeline.losses import LossState, PairLogps, compute_loss
 from pipeline.metrics import (
     METRICS_FILE,
@@ -105,7 +117,7 @@ from pipeline.ranks import is_main_process, rank, world_size
 from pipeline.reference.cache import KIND as REFERENCE_KIND
 from pipeline.reference.cache import ReferenceLogps, check_made_from, load_reference_logps
 from pipeline.schedule import Cadence, TrainingSchedule
-from pipeline.throughput import COUNTS, ModelFlops, StepThroughput, batch_counts, peak_flops
+from pipeline.throughput import COUNTS, ModelFlops, StepThroughput, peak_flops
 from pipeline.tokenize.artifact import SPLIT_FILES, load_tokenized, require_tokenized, tokenized_manifest
 from pipeline.trackers import Trackers, check_trackers, flatten_params
 from pipeline.train.lora import MERGED_MODEL, add_adapters, save_merged, trainable_state_dict
@@ -126,15 +138,21 @@ __all__ = ["KIND", "SCHEMA_VERSION", "DPOTrainingRecipe", "read_summary", "train
 
 # ---------------------------------------------------------------------------------------------- data
 class PreferencePairs:
-    """One split of the tokenized artifact joined on ``example_id`` with its reference log-probs."""
+    """One split of the tokenized artifact joined on ``example_id`` with its reference log-probs, batched in
+    ``layout`` (padded until the engine has said which layout its model honours)."""
 
     def __init__(self, tokenized_dir: Path, split: str, ref: ReferenceLogps | None, pad_token_id: int):
         table = load_tokenized(tokenized_dir, split)  # example ids checked strictly increasing
         self.table = table.select(["example_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
         self.ids = table.column("example_id").to_numpy()
+        self._lengths = {
+            side: table.column(f"{side}_length").to_numpy().astype(np.int64)
+            for side in ("prompt", "chosen", "rejected")
+        }
         # None until TR-DPO's first window is scored (its windows bring their own reference log-probs).
         self.reference: ReferenceLogps | None = ref
         self.split, self.pad_token_id = split, pad_token_id
+        self.layout = BatchLayout(padding_free=False, prefix_sharing=False)
 
     def _reference(self) -> ReferenceLogps:
         if self.reference is None:
@@ -151,10 +169,18 @@ class PreferencePairs:
             )
         self._reference().take(np.unique(ids))
 
-    def batch(self, ids: np.ndarray) -> tuple[PairBatch, PairLogps]:
+    def lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Each pair's tokens in the layout: its padded row's length, or its positions in a packed row."""
+        rows = np.searchsorted(self.ids, ids)
+        prompt, chosen, rejected = (self._lengths[side][rows] for side in ("prompt", "chosen", "rejected"))
+        if not self.layout.padding_free:
+            return prompt + np.maximum(chosen, rejected)
+        return prompt * (1 if self.layout.prefix_sharing else 2) + chosen + rejected
+
+    def batch(self, ids: np.ndarray) -> tuple[PairBatch | PackedPairBatch, PairLogps]:
         rows = self.table.take(np.searchsorted(self.ids, ids)).to_pylist()
         reference = reference_pair_logps(self._reference().take(ids), device())
-        return collate_pairs(rows, self.pad_token_id).to(device()), reference
+        return collate(rows, self.pad_token_id, self.layout).to(device()), reference
 
 
 def _load_reference(ref_dir: Path, split: str, tokenized_fp: str, initial_weights: str | None) -> ReferenceLogps:
@@ -477,6 +503,10 @@ class DPOTrainingRecipe:
             # (an extra 4 bytes per parameter at the peak, and two passes over the gradients per step).
             self.engine.enable_backward_allreduce = False
         self.engine.train()
+        layout = honoured_layout(self.engine, self.config, self.train.pad_token_id, device())
+        for pairs in (self.train, self.eval):
+            if pairs is not None:
+                pairs.layout = layout
         client = self._load_checkpoint(self.resume_from[1]) if self.resume_from else None
         if self.tr_dpo is not None:
             self.train.reference = self.tr_dpo.start(
@@ -510,18 +540,22 @@ class DPOTrainingRecipe:
         batch, ref = pairs.batch(ids)
         out = completion_logps(self.engine, batch, with_wpo_weights=self.spec.use_weighting)
         loss, metrics = compute_loss(_policy_logps(out), ref, self.spec, state)
-        return loss, metrics, batch_counts(batch.attention_mask, batch.completion_lengths)
+        return loss, metrics, batch.counts()
 
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
         learning_rate = self.engine.get_lr()[0]
         sums = MetricSums(self.engine.device)
-        for ids in self.schedule.micro_batches(step, self.rank, self.world, self.config.gradient_accumulation_steps):
+        accumulation, layout = self.config.gradient_accumulation_steps, self.train.layout
+        lengths = self.train.lengths(self.schedule.step_ids(step))
+        for ids in self.schedule.micro_batches(
+            step, self.rank, self.world, accumulation, lengths, packed=layout.padding_free
+        ):
             loss, metrics, counts = self._forward_loss(ids, self.train, self.loss_state)
             if step + 1 == _INJECTED_NONFINITE_STEP:
                 loss = loss * float("nan")
                 metrics = {**metrics, "loss": loss.detach()}
-            self.engine.backward(loss)
+            self.engine.backward(loss * self.schedule.pair_weight(len(ids), self.world, accumulation))
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
             sums.add(metrics, len(ids), counts)
         means, counts = sums.means()  # the host transfer: the step's device work is done
