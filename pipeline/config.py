@@ -109,6 +109,10 @@ class DPOPipelineConfig(BaseModel):
     # an attention that takes a block mask (sdpa, eager). null: on wherever it can be, off with FlashAttention
     # (which packs by position ids alone), said in one log line.
     prefix_sharing: bool | None = None
+    # The longest packed row: a micro-batch with more tokens is several rows (padded to the longest), which bounds
+    # the attention's cost (a masked row is dense for SDPA: L^2) and memory. null: 2 x max_length (no bound when
+    # max_length is null too). A pair longer than this is refused, naming it.
+    max_packed_tokens: int | None = None
 
     # --- TR-DPO ---
     sync_ref_model: bool = False  # TR-DPO: refresh the reference from the policy every ref_model_sync_steps
@@ -321,7 +325,9 @@ class DPOPipelineConfig(BaseModel):
             raise ValueError("must be a whole number of steps, or a fraction of the run's steps below 1")
         return int(v) if v is not None and v >= 1 else v
 
-    @field_validator("max_length", "max_prompt_length", "max_completion_length", "precompute_ref_batch_size")
+    @field_validator(
+        "max_length", "max_prompt_length", "max_completion_length", "precompute_ref_batch_size", "max_packed_tokens"
+    )
     @classmethod
     def _positive_or_none(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:

@@ -11,13 +11,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from pipeline.errors import ConfigError
+
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that honour a custom 4D mask
 
 
 @dataclass(frozen=True)
 class BatchLayout:
-    padding_free: bool  # one packed row per forward (else left-padded rows)
+    padding_free: bool  # packed rows (else left-padded rows, one per sequence)
     prefix_sharing: bool  # one segment per pair, the prompt computed once (needs padding_free)
+    max_packed_tokens: int | None = None  # the longest packed row (None: a micro-batch is one row)
+
+    def pair_tokens(self, prompt, chosen, rejected):
+        """A pair's positions (ints or numpy arrays of lengths): in a packed row, the prompt once with prefix
+        sharing, else twice; in padded rows, the longer of its two rows."""
+        if not self.padding_free:
+            return prompt + np.maximum(chosen, rejected)
+        return prompt * (1 if self.prefix_sharing else 2) + chosen + rejected
+
+    def check_fits(self, prompt, chosen, rejected, example_ids, where: str) -> None:
+        """Refuse a pair longer than ``max_packed_tokens`` (naming it, its length and the fix)."""
+        if not self.padding_free or self.max_packed_tokens is None:
+            return
+        tokens = self.pair_tokens(prompt, chosen, rejected)
+        longest = int(np.argmax(tokens)) if len(tokens) else 0
+        if len(tokens) and tokens[longest] > self.max_packed_tokens:
+            raise ConfigError(
+                f"max_packed_tokens: {where}: example_id {int(example_ids[longest])} takes {int(tokens[longest])} "
+                f"tokens in a packed row, more than max_packed_tokens ({self.max_packed_tokens}); raise "
+                f"max_packed_tokens to at least {int(tokens.max())}, or lower max_length"
+            )
 
     @classmethod
     def of(cls, config, attention: str | None = None) -> BatchLayout:
@@ -27,7 +52,10 @@ class BatchLayout:
         sharing = config.prefix_sharing
         if sharing is None:
             sharing = config.padding_free and attention in MASKED_ATTENTION
-        return cls(config.padding_free, sharing)
+        budget = config.max_packed_tokens
+        if budget is None and config.max_length is not None:
+            budget = 2 * config.max_length  # a pair's two sequences, as padded rows would hold them
+        return cls(config.padding_free, sharing, budget)
 
     def describe(self) -> str:
         if not self.padding_free:

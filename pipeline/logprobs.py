@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,23 +98,26 @@ class PairBatch:
 
 @dataclass
 class PackedPairBatch:
-    """B pairs as the segments of one row (batch dimension 1), no padding.
+    """B pairs as the segments of R rows, each row at most the layout's ``max_packed_tokens`` long (one row when
+    it has none), the rows right-padded to the longest.
 
     With ``prefix_shared`` a segment is ``prompt | chosen | rejected`` (one per pair); without, ``prompt | chosen``
-    and ``prompt | rejected`` are two segments. The completion tokens are listed in sequence order (the B chosen
-    completions, then the B rejected ones), each with the row position whose logits predict it."""
+    and ``prompt | rejected`` are two segments. The lm-head runs on the columns ``keep`` of every row (the
+    positions that predict a completion token in some row; a shared prompt's last position twice, as it predicts
+    both first tokens), and each completion token is read from its (row, column) of that grid."""
 
-    input_ids: Tensor  # (1, L) int64
-    position_ids: Tensor  # (1, L) int64: from 0 in each segment; a shared prompt's rejected branch restarts at |x|
-    segment_ids: Tensor  # (L,) int64: which segment each position is in (attention stays inside a segment)
-    branch: Tensor  # (L,) int64: 0 prompt, 1 chosen, 2 rejected (a rejected query never sees a chosen key)
-    predictors: Tensor  # (N,) int64: the position whose logits predict each completion token
-    labels: Tensor  # (N,) int64: the completion tokens
-    label_sequence: Tensor  # (N,) int64: the sequence of each (0..B-1 chosen, B..2B-1 rejected)
-    label_offset: Tensor  # (N,) int64: index of each within its completion
+    input_ids: Tensor  # (R, L) int64, right-padded with pad_token_id
+    position_ids: Tensor  # (R, L) int64: from 0 in each segment; a shared prompt's rejected branch restarts at |x|
+    segment_ids: Tensor  # (R, L) int64: attention stays inside a segment (the padding is one of its own)
+    branch: Tensor  # (R, L) int64: 0 prompt, 1 chosen, 2 rejected (a rejected query never sees a chosen key)
+    keep: Tensor  # (U,) int64: the columns whose logits are computed, in every row
+    labels: Tensor  # (R, U) int64: the completion token each kept column predicts (0 where none)
+    label_sequence: Tensor  # (R, U) int64: the sequence of each (0..B-1 chosen, B..2B-1 rejected)
+    label_offset: Tensor  # (R, U) int64: index of each within its completion (-1 where none)
     completion_lengths: Tensor  # (2B,) int64
     public_lengths: Tensor  # (2B,) int64
     example_ids: Tensor  # (B,) int64
+    real_tokens: Tensor  # () float64: the rows' non-padding positions
     squared_lengths: Tensor  # () float64: twice the (query, key) pairs attended (see pipeline.throughput)
     prefix_shared: bool
 
@@ -125,39 +130,39 @@ class PackedPairBatch:
         return dataclasses.replace(self, **moved)
 
     def counts(self) -> Tensor:
-        tokens = self.squared_lengths.new_full((), float(self.input_ids.shape[1]))
         return batch_counts(
-            tokens=tokens,
-            positions=tokens,
+            tokens=self.real_tokens,
+            positions=self.real_tokens.new_full((), float(self.input_ids.numel())),
             squared_lengths=self.squared_lengths,
-            logit_tokens=self.squared_lengths.new_full((), float(self.labels.numel())),
+            logit_tokens=self.completion_lengths.sum(dtype=torch.float64),
         )
 
     def attention_mask(self, attention: str, dtype: torch.dtype) -> Tensor | None:
-        """The (1, 1, L, L) mask for ``attention``: boolean for SDPA, additive for eager; None for the others,
+        """The (R, 1, L, L) mask for ``attention``: boolean for SDPA, additive for eager; None for the others,
         which read the packing from the position ids (FlashAttention's varlen path)."""
         if attention not in MASKED_ATTENTION:
             if self.prefix_shared:
                 raise ValueError(f"prefix sharing needs {' or '.join(MASKED_ATTENTION)} attention, not {attention}")
             return None
-        index = torch.arange(self.segment_ids.numel(), device=self.segment_ids.device)
-        allowed = (self.segment_ids[:, None] == self.segment_ids[None, :]) & (index[None, :] <= index[:, None])
+        index = torch.arange(self.segment_ids.shape[1], device=self.segment_ids.device)
+        segments, branch = self.segment_ids, self.branch
+        allowed = (segments[:, :, None] == segments[:, None, :]) & (index[None, None, :] <= index[None, :, None])
         # A rejected query sees the prompt and the rejected tokens before it, never the chosen branch.
-        allowed &= ~((self.branch[:, None] == REJECTED) & (self.branch[None, :] == CHOSEN))
+        allowed &= ~((branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN))
         if attention == "sdpa":
-            return allowed[None, None]
+            return allowed[:, None]
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
     def _forward(self, model) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         logits = model(
             input_ids=self.input_ids,
             attention_mask=self.attention_mask(attention_implementation(model), model_dtype(model)),
             position_ids=self.position_ids,
-            logits_to_keep=self.predictors,
+            logits_to_keep=self.keep,
             use_cache=False,
         ).logits
-        return logits, self.labels[None], self.label_sequence[None], self.label_offset[None]
+        return logits, self.labels, self.label_sequence, self.label_offset
 
 
 def reference_pair_logps(reference: ReferenceLogps, device: torch.device | str = "cpu") -> PairLogps:
@@ -195,52 +200,89 @@ def collate_pairs(rows: Sequence[dict], pad_token_id: int) -> PairBatch:
     return PairBatch(input_ids, attention_mask, position_ids, lengths, _public(lengths), _example_ids(rows))
 
 
-def pack_pairs(rows: Sequence[dict], *, prefix_sharing: bool) -> PackedPairBatch:
-    """The same rows as :func:`collate_pairs` -> one :class:`PackedPairBatch` row."""
-    ids: list[int] = []
-    positions: list[int] = []
-    segments: list[int] = []
-    branch: list[int] = []
-    predictors: list[list[int]] = [[] for _ in range(2 * len(rows))]
+def pack_pairs(
+    rows: Sequence[dict], *, prefix_sharing: bool, max_tokens: int | None = None, pad_token_id: int = 0
+) -> PackedPairBatch:
+    """The same rows as :func:`collate_pairs` -> one :class:`PackedPairBatch`: pairs first-fit, longest first,
+    into rows of at most ``max_tokens`` (None: one row); the caller has checked that every pair fits."""
+    layout = BatchLayout(padding_free=True, prefix_sharing=prefix_sharing, max_packed_tokens=max_tokens)
+    pairs = [tuple(row[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected")) for row in rows]
+    sizes = [int(layout.pair_tokens(*map(len, pair))) for pair in pairs]
+    packed: list[list[int]] = []  # the pairs of each row
+    room: list[float] = []
+    for i in sorted(range(len(pairs)), key=lambda i: -sizes[i]):
+        row = next((r for r in range(len(packed)) if room[r] >= sizes[i]), None)
+        if row is None:
+            packed.append([])
+            room.append(math.inf if max_tokens is None else max_tokens)
+            row = len(packed) - 1
+        packed[row].append(i)
+        room[row] -= sizes[i]
+    width = max(sum(sizes[i] for i in members) for members in packed)
+    shape = (len(packed), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids, branch = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)  # the padding: a segment of its own
+    # For each sequence (the B chosen, then the B rejected): its row, and the positions that predict its tokens.
+    predictors: dict[int, tuple[int, list[int]]] = {}
     squared = 0
-    for pair, row in enumerate(rows):
-        prompt, chosen, rejected = (
-            list(row[k]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-        )
-        p = len(prompt)
-        for side, completion in ((0, chosen), (1, rejected)):
-            if side == 0 or not prefix_sharing:
-                segment = 2 * pair + side if not prefix_sharing else pair
-                start = len(ids)  # the segment's prompt starts here
-                ids += prompt
-                positions += range(p)
-                segments += [segment] * p
-                branch += [PROMPT] * p
-            first = len(ids)
-            ids += completion
-            positions += range(p, p + len(completion))
-            segments += [segment] * len(completion)
-            branch += [CHOSEN if side == 0 else REJECTED] * len(completion)
-            # The first completion token is predicted by the prompt's last position, the others by the token before.
-            predictors[side * len(rows) + pair] = [start + p - 1, *range(first, first + len(completion) - 1)]
-        c, r = len(chosen), len(rejected)
-        squared += (p + c) ** 2 + (p + r) ** 2 - (p * p if prefix_sharing else 0)
-    lengths = torch.tensor(
-        [len(row["chosen_input_ids"]) for row in rows] + [len(row["rejected_input_ids"]) for row in rows]
-    )
-    labels = [token for side in ("chosen_input_ids", "rejected_input_ids") for row in rows for token in row[side]]
+
+    def place(r: int, at: int, tokens: Sequence[int], first_position: int, segment: int, kind: int) -> int:
+        """``tokens`` into row ``r`` from ``at``; returns where the next segment part starts."""
+        span = slice(at, at + len(tokens))
+        input_ids[r, span] = torch.tensor(tokens, dtype=torch.long)
+        position_ids[r, span] = torch.arange(first_position, first_position + len(tokens))
+        segment_ids[r, span], branch[r, span] = segment, kind
+        return at + len(tokens)
+
+    for r, members in enumerate(packed):
+        at = 0
+        for i in members:
+            prompt, chosen, rejected = pairs[i]
+            p = len(prompt)
+            for side, completion in enumerate((chosen, rejected)):
+                segment = 2 * i + (0 if prefix_sharing else side)
+                if side == 0 or not prefix_sharing:
+                    prompt_end = at + p - 1  # its last position predicts the completion's first token
+                    at = place(r, at, prompt, 0, segment, PROMPT)
+                first = at
+                at = place(r, at, completion, p, segment, REJECTED if side else CHOSEN)
+                predictors[side * len(pairs) + i] = (r, [prompt_end, *range(first, first + len(completion) - 1)])
+            squared += (p + len(chosen)) ** 2 + (p + len(rejected)) ** 2 - (p * p if prefix_sharing else 0)
+        position_ids[r, at:] = torch.arange(width - at)  # the padding as a sequence of its own (varlen too)
+    # The kept columns: each position as many times as some row needs it (a shared prompt's last one: twice).
+    needed: Counter[int] = Counter()
+    for r in range(len(packed)):
+        needed |= Counter(i for row, positions in predictors.values() if row == r for i in positions)
+    keep = sorted(needed.elements())
+    first_column: dict[int, int] = {}
+    for column, position in enumerate(keep):
+        first_column.setdefault(position, column)
+    completions = [pair[1] for pair in pairs] + [pair[2] for pair in pairs]
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
+    grid = (len(packed), len(keep))
+    labels, label_sequence = torch.zeros(grid, dtype=torch.long), torch.zeros(grid, dtype=torch.long)
+    label_offset = torch.full(grid, -1, dtype=torch.long)
+    taken: Counter[tuple[int, int]] = Counter()  # (row, position): its columns used so far
+    for sequence, completion in enumerate(completions):
+        r, positions = predictors[sequence]
+        for offset, (position, token) in enumerate(zip(positions, completion, strict=True)):
+            column = first_column[position] + taken[r, position]
+            taken[r, position] += 1
+            labels[r, column], label_sequence[r, column], label_offset[r, column] = token, sequence, offset
     return PackedPairBatch(
-        input_ids=torch.tensor([ids], dtype=torch.long),
-        position_ids=torch.tensor([positions], dtype=torch.long),
-        segment_ids=torch.tensor(segments, dtype=torch.long),
-        branch=torch.tensor(branch, dtype=torch.long),
-        predictors=torch.tensor([i for seq in predictors for i in seq], dtype=torch.long),
-        labels=torch.tensor(labels, dtype=torch.long),
-        label_sequence=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
-        label_offset=torch.cat([torch.arange(int(n)) for n in lengths]),
+        input_ids=input_ids,
+        position_ids=position_ids,
+        segment_ids=segment_ids,
+        branch=branch,
+        keep=torch.tensor(keep, dtype=torch.long),
+        labels=labels,
+        label_sequence=label_sequence,
+        label_offset=label_offset,
         completion_lengths=lengths,
         public_lengths=_public(lengths),
         example_ids=_example_ids(rows),
+        real_tokens=torch.tensor(float(sum(sizes)), dtype=torch.float64),
         squared_lengths=torch.tensor(float(squared), dtype=torch.float64),
         prefix_shared=prefix_sharing,
     )
@@ -249,7 +291,9 @@ def pack_pairs(rows: Sequence[dict], *, prefix_sharing: bool) -> PackedPairBatch
 def collate(rows: Sequence[dict], pad_token_id: int, layout: BatchLayout) -> PairBatch | PackedPairBatch:
     """Rows of the tokenized artifact in ``layout``: padded rows or one packed row."""
     if layout.padding_free:
-        return pack_pairs(rows, prefix_sharing=layout.prefix_sharing)
+        return pack_pairs(
+            rows, prefix_sharing=layout.prefix_sharing, max_tokens=layout.max_packed_tokens, pad_token_id=pad_token_id
+        )
     return collate_pairs(rows, pad_token_id)
 
 
@@ -302,7 +346,7 @@ def honoured_layout(model, config, pad_token_id: int, device: torch.device | str
         attention,
         float(per_token.max()),
     )
-    return BatchLayout(padding_free=False, prefix_sharing=False)
+    return dataclasses.replace(layout, padding_free=False, prefix_sharing=False)
 
 
 def _public(lengths: Tensor) -> Tensor:
@@ -322,7 +366,8 @@ def attention_implementation(model) -> str:
 
 
 def model_dtype(model) -> torch.dtype:
-    return next(getattr(model, "module", model).parameters()).dtype
+    """The dtype the model computes in: its input embeddings' (a quantised base's first weights may be uint8)."""
+    return getattr(model, "module", model).get_input_embeddings().weight.dtype
 
 
 def _chunk(rows: int, vocab: int) -> int:

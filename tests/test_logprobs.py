@@ -91,20 +91,24 @@ def weighted_logps_and_grads(model, batch):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("prefix_sharing", [True, False], ids=["shared-prompt", "packed"])
-def test_packed_rows_give_the_padded_log_probs_and_gradients(tiny_model_dir, attention, prefix_sharing):
+@pytest.mark.parametrize("max_tokens", [None, 48], ids=["one-row", "rows-of-48"])
+def test_packed_rows_give_the_padded_log_probs_and_gradients(tiny_model_dir, attention, prefix_sharing, max_tokens):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
     rows = random_rows(7, seed=3)
     padded, padded_grads = weighted_logps_and_grads(model, collate_pairs(rows, 2))
-    packed_batch = pack_pairs(rows, prefix_sharing=prefix_sharing)
+    packed_batch = pack_pairs(rows, prefix_sharing=prefix_sharing, max_tokens=max_tokens, pad_token_id=2)
     packed, packed_grads = weighted_logps_and_grads(model, packed_batch)
     for name in ("logps", "public_logps", "lengths", "wpo_log_weights"):
         torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-5, atol=1e-5)
     for name, grad in padded_grads.items():  # float rounding, relative to each gradient's own scale
         torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()))
-    # One row, no padding; a shared prompt is in it once.
+    # Every pair's tokens once, a shared prompt once; one row without a budget, else rows within it.
     prompts = sum(len(r["prompt_input_ids"]) for r in rows)
     completions = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-    assert packed_batch.input_ids.shape == (1, prompts * (1 if prefix_sharing else 2) + completions)
+    tokens = prompts * (1 if prefix_sharing else 2) + completions
+    assert packed_batch.counts()[0] == tokens == int((packed_batch.segment_ids >= 0).sum())
+    rows_used, width = packed_batch.input_ids.shape
+    assert (rows_used, width) == (1, tokens) if max_tokens is None else (rows_used > 1 and width <= max_tokens)
 
 
 def test_a_shared_prompt_hides_chosen_from_rejected(tiny_model_dir):
@@ -129,20 +133,20 @@ def test_flash_attention_packs_by_position_ids_without_a_shared_prompt(tiny_mode
     assert (batch.position_ids[0] == 0).sum() == 4  # four segments, each from position 0
     with pytest.raises(ValueError, match="prefix sharing needs sdpa or eager"):
         pack_pairs(random_rows(2), prefix_sharing=True).attention_mask("flash_attention_2", torch.bfloat16)
-    auto = DPOPipelineConfig(attn_implementation="flash_attention_2")
-    assert BatchLayout.of(auto) == BatchLayout(padding_free=True, prefix_sharing=False)
-    assert BatchLayout.of(DPOPipelineConfig()) == BatchLayout(padding_free=True, prefix_sharing=True)
+    auto = DPOPipelineConfig(attn_implementation="flash_attention_2", max_length=256)
+    assert BatchLayout.of(auto) == BatchLayout(padding_free=True, prefix_sharing=False, max_packed_tokens=512)
+    assert BatchLayout.of(DPOPipelineConfig(max_length=None)) == BatchLayout(True, True, max_packed_tokens=None)
 
 
 def test_a_model_that_ignores_the_packed_mask_is_scored_padded(tiny_model_dir, monkeypatch, caplog):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
     model.model.layers[0].eval()  # a module left in eval on purpose stays so; the others stay in train
-    config = DPOPipelineConfig()
-    assert honoured_layout(model, config, pad_token_id=2) == BatchLayout(padding_free=True, prefix_sharing=True)
+    config = DPOPipelineConfig(max_packed_tokens=64)
+    assert honoured_layout(model, config, pad_token_id=2) == BatchLayout(True, True, max_packed_tokens=64)
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
     # A model whose attention drops custom masks (as remote code without the 4D-mask path does): plain causal.
     monkeypatch.setattr(logprobs.PackedPairBatch, "attention_mask", lambda self, attention, dtype: None)
     with caplog.at_level("WARNING"):
         layout = honoured_layout(model, config, pad_token_id=2)
-    assert layout == BatchLayout(padding_free=False, prefix_sharing=False)
+    assert layout == BatchLayout(padding_free=False, prefix_sharing=False, max_packed_tokens=64)
     assert "does not honour packed rows" in caplog.text and "scoring padded rows instead" in caplog.text

@@ -40,6 +40,7 @@ ALTERNATIVES = {
     "precompute_ref_batch_size": 4,
     "padding_free": False,
     "prefix_sharing": False,
+    "max_packed_tokens": 4096,
     "sync_ref_model": True,
     "ref_model_mixup_alpha": 0.5,
     "ref_model_sync_steps": 100,

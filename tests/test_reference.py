@@ -104,7 +104,7 @@ def test_padded_rows_and_packed_rows_with_a_shared_prompt_score_the_same(scored,
     """The default layout (packed rows, the prompt computed once per pair) against padded rows: one artifact's
     values, to float rounding, so the layout is no input of the reference fingerprint."""
     config, _, ref_dir = scored
-    assert BatchLayout.of(config) == BatchLayout(padding_free=True, prefix_sharing=True)
+    assert BatchLayout.of(config) == BatchLayout(padding_free=True, prefix_sharing=True, max_packed_tokens=128)
     padded = config.model_copy(update={"output_dir": str(tmp_path / "out"), "padding_free": False})
     tokenize_stage(padded)
     out = reference_stage(padded)
@@ -114,6 +114,23 @@ def test_padded_rows_and_packed_rows_with_a_shared_prompt_score_the_same(scored,
         assert np.array_equal(shared["example_id"], rows["example_id"])
         for name in cache.VALUE_COLUMNS:
             np.testing.assert_allclose(shared[name], rows[name], rtol=1e-5, atol=1e-5, err_msg=f"{split} {name}")
+
+
+def test_a_pair_longer_than_a_packed_row_is_refused_before_any_model_is_loaded(scored, tmp_path, monkeypatch):
+    config, tokenized_dir, _ = scored
+    longest = max(
+        r["prompt_length"] + r["chosen_length"] + r["rejected_length"]
+        for r in load_tokenized(tokenized_dir, "train").to_pylist()
+    )
+    small = config.model_copy(update={"output_dir": str(tmp_path / "out"), "max_packed_tokens": longest - 1})
+    tokenize_stage(small)
+    monkeypatch.setattr(reference_stage_module, "_load_engine", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(
+        ConfigError,
+        match=rf"max_packed_tokens: the tokenized train split: example_id \d+ takes "
+        rf"{longest} tokens.*raise max_packed_tokens to at least {longest}",
+    ):
+        reference_stage(small)
 
 
 def test_reference_rows_come_in_the_requested_order(scored):

@@ -300,6 +300,14 @@ def test_conflicting_ds_config_is_refused(prepared, tmp_path):
     assert_no_step_taken(config)
 
 
+def test_a_pair_longer_than_a_packed_row_is_refused_before_the_engine_is_built(prepared, monkeypatch):
+    config = prepared().model_copy(update={"max_packed_tokens": 8})
+    monkeypatch.setattr("deepspeed.initialize", lambda *a, **k: pytest.fail("built an engine"))
+    with pytest.raises(ConfigError, match=r"max_packed_tokens: the tokenized train split: example_id \d+ takes"):
+        train_stage(config)
+    assert_no_step_taken(config)
+
+
 def test_resume_from_a_checkpoint_of_another_config_is_refused(prepared):
     config = prepared(beta=0.3)
     run = train_stage(config, stop_step=1)

@@ -139,6 +139,7 @@ def compute_reference_logps(
     else:
         vocab = int(engine.module.config.get_text_config().vocab_size)
     _check_vocabulary(tokenized_dir, tables, vocab)
+    _check_fits(BatchLayout.of(config), tables)  # before any model is loaded (the engine's own layout: again)
     plan = plan_shards({split: table.column("example_id").to_numpy() for split, table in tables.items()}, shard_size)
 
     # Rank 0 decides what is done and everyone follows: ranks must agree on the work to stay in step.
@@ -261,6 +262,15 @@ def _check_vocabulary(tokenized_dir: Path, tables: Mapping[str, pa.Table], vocab
             )
 
 
+def _check_fits(layout: BatchLayout, tables: Mapping[str, pa.Table]) -> None:
+    for split, table in tables.items():
+        prompt, chosen, rejected = (
+            table.column(f"{side}_length").to_numpy() for side in ("prompt", "chosen", "rejected")
+        )
+        ids = table.column("example_id").to_numpy()
+        layout.check_fits(prompt, chosen, rejected, ids, where=f"the tokenized {split} split")
+
+
 def _sequence_tokens(table: pa.Table) -> int:
     """The pairs' tokens as two sequences: the prompt twice, plus both completions (a shared prompt runs once
     but counts twice, so rates compare across layouts)."""
@@ -377,6 +387,7 @@ def _score_shards(
 ) -> None:
     me, world = rank(), world_size()
     layout = honoured_layout(engine, config, pad_token_id, device())
+    _check_fits(layout, tables)
     rows_of = {split: table.column("example_id").to_numpy() for split, table in tables.items()}
     total = sum(
         _sequence_tokens(tables[s.split].take(pa.array(np.searchsorted(rows_of[s.split], s.example_ids)))) for s in todo

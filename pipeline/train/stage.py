@@ -152,7 +152,7 @@ class PreferencePairs:
         # None until TR-DPO's first window is scored (its windows bring their own reference log-probs).
         self.reference: ReferenceLogps | None = ref
         self.split, self.pad_token_id = split, pad_token_id
-        self.layout = BatchLayout(padding_free=False, prefix_sharing=False)
+        self.layout = BatchLayout(padding_free=False, prefix_sharing=False)  # until the recipe says which
 
     def _reference(self) -> ReferenceLogps:
         if self.reference is None:
@@ -169,13 +169,16 @@ class PreferencePairs:
             )
         self._reference().take(np.unique(ids))
 
+    def use(self, layout: BatchLayout) -> None:
+        """Batch in ``layout`` from now on; refused if a pair of this split does not fit its packed rows."""
+        prompt, chosen, rejected = (self._lengths[side] for side in ("prompt", "chosen", "rejected"))
+        layout.check_fits(prompt, chosen, rejected, self.ids, where=f"the tokenized {self.split} split")
+        self.layout = layout
+
     def lengths(self, ids: np.ndarray) -> np.ndarray:
         """Each pair's tokens in the layout: its padded row's length, or its positions in a packed row."""
         rows = np.searchsorted(self.ids, ids)
-        prompt, chosen, rejected = (self._lengths[side][rows] for side in ("prompt", "chosen", "rejected"))
-        if not self.layout.padding_free:
-            return prompt + np.maximum(chosen, rejected)
-        return prompt * (1 if self.layout.prefix_sharing else 2) + chosen + rejected
+        return self.layout.pair_tokens(*(self._lengths[side][rows] for side in ("prompt", "chosen", "rejected")))
 
     def batch(self, ids: np.ndarray) -> tuple[PairBatch | PackedPairBatch, PairLogps]:
         rows = self.table.take(np.searchsorted(self.ids, ids)).to_pylist()
@@ -406,6 +409,9 @@ class DPOTrainingRecipe:
             eval_ref = _load_reference(self.reference_dirs["eval"], "eval", plan.tokenized_fingerprint, initial_weights)
             self.eval = PreferencePairs(plan.tokenized_dir, "eval", eval_ref, pad)
             self.eval.require(self.eval.ids, f"eval reference {self.reference_dirs['eval']}")
+        for pairs in (self.train, self.eval):  # the layout asked for (setup() confirms it on the model)
+            if pairs is not None:
+                pairs.use(BatchLayout.of(config))
 
         self.checkpoint_root = self.run_dir / CHECKPOINTS
         self.resume_key = {"world_size": self.world, **plan.train_inputs}
@@ -506,7 +512,7 @@ class DPOTrainingRecipe:
         layout = honoured_layout(self.engine, self.config, self.train.pad_token_id, device())
         for pairs in (self.train, self.eval):
             if pairs is not None:
-                pairs.layout = layout
+                pairs.use(layout)
         client = self._load_checkpoint(self.resume_from[1]) if self.resume_from else None
         if self.tr_dpo is not None:
             self.train.reference = self.tr_dpo.start(
