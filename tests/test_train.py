@@ -351,7 +351,8 @@ def test_packed_rows_with_a_shared_prompt_give_the_padded_loss_curve(prepared, d
     padded = train_stage(prepared(padding_free=False, gradient_accumulation_steps=2, **common))
     run_one, run_two = train_one_and_two_ranks(prepared, **common)
     assert_same_curves(metrics_records(padded), metrics_records(run_one), ignore=("padding_fraction",))
-    assert max_difference(weights(padded), weights(run_two)) <= 1e-5
+    # 20 Adam steps: its per-coordinate normalisation turns rounding in near-zero gradients into lr-sized moves.
+    assert max_difference(weights(padded), weights(run_two)) <= 1e-4
     steps = [r for r in metrics_records(run_two) if "loss" in r]
     assert len(steps) == 20 and abs(steps[0]["loss/sigmoid"] - math.log(2)) < 1e-5  # policy == reference
     assert all(r["padding_fraction"] == 0.0 for r in steps)
