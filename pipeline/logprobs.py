@@ -30,11 +30,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -204,9 +204,12 @@ def pack_pairs(
     rows: Sequence[dict], *, prefix_sharing: bool, max_tokens: int | None = None, pad_token_id: int = 0
 ) -> PackedPairBatch:
     """The same rows as :func:`collate_pairs` -> one :class:`PackedPairBatch`: pairs first-fit, longest first,
-    into rows of at most ``max_tokens`` (None: one row); the caller has checked that every pair fits."""
+    into rows of at most ``max_tokens`` (None: one row); the caller has checked that every pair fits.
+
+    Built in Python lists and numpy, one tensor per field at the end: this runs once per micro-batch on the
+    host, beside a forward it must not slow down."""
     layout = BatchLayout(padding_free=True, prefix_sharing=prefix_sharing, max_packed_tokens=max_tokens)
-    pairs = [tuple(row[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected")) for row in rows]
+    pairs = [tuple(list(row[f"{k}_input_ids"]) for k in ("prompt", "chosen", "rejected")) for row in rows]
     sizes = [int(layout.pair_tokens(*map(len, pair))) for pair in pairs]
     packed: list[list[int]] = []  # the pairs of each row
     room: list[float] = []
@@ -219,68 +222,70 @@ def pack_pairs(
         packed[row].append(i)
         room[row] -= sizes[i]
     width = max(sum(sizes[i] for i in members) for members in packed)
-    shape = (len(packed), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    position_ids, branch = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
-    segment_ids = torch.full(shape, -1, dtype=torch.long)  # the padding: a segment of its own
-    # For each sequence (the B chosen, then the B rejected): its row, and the positions that predict its tokens.
-    predictors: dict[int, tuple[int, list[int]]] = {}
+    fields = {name: np.zeros((len(packed), width), dtype=np.int64) for name in ("ids", "positions", "branch")}
+    fields["ids"][:] = pad_token_id
+    segments = np.full((len(packed), width), -1, dtype=np.int64)  # the padding: a segment of its own
+    # Per completion token, in sequence order (the B chosen, then the B rejected): the row, the position whose
+    # logits predict it, and which of that position's kept columns it reads (1 for a shared prompt's second use).
+    label_row: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * (2 * len(pairs))
+    label_position: list[np.ndarray] = list(label_row)
+    label_use: list[np.ndarray] = list(label_row)
     squared = 0
-
-    def place(r: int, at: int, tokens: Sequence[int], first_position: int, segment: int, kind: int) -> int:
-        """``tokens`` into row ``r`` from ``at``; returns where the next segment part starts."""
-        span = slice(at, at + len(tokens))
-        input_ids[r, span] = torch.tensor(tokens, dtype=torch.long)
-        position_ids[r, span] = torch.arange(first_position, first_position + len(tokens))
-        segment_ids[r, span], branch[r, span] = segment, kind
-        return at + len(tokens)
-
     for r, members in enumerate(packed):
-        at = 0
+        ids: list[int] = []
+        positions: list[int] = []
+        branch: list[int] = []
+        segment_of: list[int] = []
         for i in members:
             prompt, chosen, rejected = pairs[i]
             p = len(prompt)
             for side, completion in enumerate((chosen, rejected)):
                 segment = 2 * i + (0 if prefix_sharing else side)
                 if side == 0 or not prefix_sharing:
-                    prompt_end = at + p - 1  # its last position predicts the completion's first token
-                    at = place(r, at, prompt, 0, segment, PROMPT)
-                first = at
-                at = place(r, at, completion, p, segment, REJECTED if side else CHOSEN)
-                predictors[side * len(pairs) + i] = (r, [prompt_end, *range(first, first + len(completion) - 1)])
+                    prompt_end = len(ids) + p - 1  # its last position predicts the completion's first token
+                    ids += prompt
+                    positions += range(p)
+                    branch += [PROMPT] * p
+                    segment_of += [segment] * p
+                first, n = len(ids), len(completion)
+                ids += completion
+                positions += range(p, p + n)
+                branch += [REJECTED if side else CHOSEN] * n
+                segment_of += [segment] * n
+                sequence = side * len(pairs) + i
+                label_row[sequence] = np.full(n, r, dtype=np.int64)
+                label_position[sequence] = np.array([prompt_end, *range(first, first + n - 1)], dtype=np.int64)
+                label_use[sequence] = np.zeros(n, dtype=np.int64)
+                label_use[sequence][0] = 1 if prefix_sharing and side == 1 else 0
             squared += (p + len(chosen)) ** 2 + (p + len(rejected)) ** 2 - (p * p if prefix_sharing else 0)
-        position_ids[r, at:] = torch.arange(width - at)  # the padding as a sequence of its own (varlen too)
-    # The kept columns: each position as many times as some row needs it (a shared prompt's last one: twice).
-    needed: Counter[int] = Counter()
-    for r in range(len(packed)):
-        needed |= Counter(i for row, positions in predictors.values() if row == r for i in positions)
-    keep = sorted(needed.elements())
-    first_column: dict[int, int] = {}
-    for column, position in enumerate(keep):
-        first_column.setdefault(position, column)
-    completions = [pair[1] for pair in pairs] + [pair[2] for pair in pairs]
-    lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
+        n = len(ids)
+        fields["ids"][r, :n], fields["positions"][r, :n], fields["branch"][r, :n] = ids, positions, branch
+        segments[r, :n] = segment_of
+        fields["positions"][r, n:] = np.arange(width - n)  # the padding as a sequence of its own (varlen too)
+    rows_, positions_, uses = (np.concatenate(x) for x in (label_row, label_position, label_use))
+    # The kept columns: every position some row reads, twice where a shared prompt's last one is read twice.
+    keep = np.sort(np.concatenate([np.unique(positions_), np.unique(positions_[uses == 1])]))
+    columns = np.searchsorted(keep, positions_) + uses
+    lengths = np.array([len(pair[1]) for pair in pairs] + [len(pair[2]) for pair in pairs], dtype=np.int64)
     grid = (len(packed), len(keep))
-    labels, label_sequence = torch.zeros(grid, dtype=torch.long), torch.zeros(grid, dtype=torch.long)
-    label_offset = torch.full(grid, -1, dtype=torch.long)
-    taken: Counter[tuple[int, int]] = Counter()  # (row, position): its columns used so far
-    for sequence, completion in enumerate(completions):
-        r, positions = predictors[sequence]
-        for offset, (position, token) in enumerate(zip(positions, completion, strict=True)):
-            column = first_column[position] + taken[r, position]
-            taken[r, position] += 1
-            labels[r, column], label_sequence[r, column], label_offset[r, column] = token, sequence, offset
+    labels, label_sequence = np.zeros(grid, dtype=np.int64), np.zeros(grid, dtype=np.int64)
+    label_offset = np.full(grid, -1, dtype=np.int64)
+    tokens = [token for pair in pairs for token in pair[1]] + [token for pair in pairs for token in pair[2]]
+    labels[rows_, columns] = tokens
+    label_sequence[rows_, columns] = np.repeat(np.arange(len(lengths)), lengths)
+    label_offset[rows_, columns] = np.concatenate([np.arange(n) for n in lengths])
+    lengths_tensor = torch.from_numpy(lengths)
     return PackedPairBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        segment_ids=segment_ids,
-        branch=branch,
-        keep=torch.tensor(keep, dtype=torch.long),
-        labels=labels,
-        label_sequence=label_sequence,
-        label_offset=label_offset,
-        completion_lengths=lengths,
-        public_lengths=_public(lengths),
+        input_ids=torch.from_numpy(fields["ids"]),
+        position_ids=torch.from_numpy(fields["positions"]),
+        segment_ids=torch.from_numpy(segments),
+        branch=torch.from_numpy(fields["branch"]),
+        keep=torch.from_numpy(keep),
+        labels=torch.from_numpy(labels),
+        label_sequence=torch.from_numpy(label_sequence),
+        label_offset=torch.from_numpy(label_offset),
+        completion_lengths=lengths_tensor,
+        public_lengths=_public(lengths_tensor),
         example_ids=_example_ids(rows),
         real_tokens=torch.tensor(float(sum(sizes)), dtype=torch.float64),
         squared_lengths=torch.tensor(float(squared), dtype=torch.float64),
