@@ -50,14 +50,15 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 from bench_train import (  # noqa: E402  (bench/ on the path first)
     PRESETS,
     STATE_BYTES,
+    add_side_arguments,
     build_model,
     run_ours,
     run_side,
     run_trl,
+    start_child,  # noqa: E402
     summarize,
     write_dataset,
 )
-from bench_train import child as train_child  # noqa: E402
 
 CASE = "fp32"  # bench_train.py's configuration case every side runs (one process, fp32)
 REPORT_CASE = "lora"  # this benchmark's key in STATE_BYTES and the heading of its table
@@ -107,14 +108,9 @@ def count_parameters(side: str) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.side == "prepare":  # tokenize and reference stages, bench_train.py's
-        train_child(args)
+    work = start_child(args)  # bench_train.py's: threads, seed, and the shared prepare side
+    if work is None:
         return
-    import torch
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    work = Path(args.work)
     counts = count_parameters(args.side)
     if args.side == "ours-lora":
         result = run_ours(work, CASE, args.steps, args.zero3_config, **LORA)
@@ -166,14 +162,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side and round")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds, sides interleaved")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--completion-tokens", type=int, default=64)
-    parser.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
-    parser.add_argument("--side", choices=("prepare", *SIDES), help=argparse.SUPPRESS)
-    parser.add_argument("--case", default=CASE, help=argparse.SUPPRESS)
-    parser.add_argument("--zero3-config", default=str(REPO_ROOT / "configs" / "ds_zero3.json"), help=argparse.SUPPRESS)
+    add_side_arguments(parser, SIDES, CASE)
     args = parser.parse_args()
     if args.side:
         child(args)

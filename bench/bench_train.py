@@ -115,7 +115,13 @@ def build_model(model_dir: Path, preset: str) -> int:
 
 
 def write_dataset(data_dir: Path, model_dir: Path, *, pairs: int, prompt_tokens: int, completion_tokens: int) -> None:
-    """``train.jsonl`` of word salad from the shipped data, cut to exact token counts (BOS and EOS included)."""
+    """``train.jsonl`` of ``pairs`` pairs of word salad, every prompt and completion of the same token counts."""
+    write_pairs(data_dir, model_dir, [(prompt_tokens, completion_tokens, completion_tokens)] * pairs)
+
+
+def write_pairs(data_dir: Path, model_dir: Path, lengths: list[tuple[int, int, int]]) -> None:
+    """``train.jsonl`` of word salad from the shipped data, one pair per ``(prompt, chosen, rejected)`` of
+    ``lengths``, each cut to exactly that many tokens (BOS and EOS included; one word at least)."""
     import random
 
     from transformers import AutoTokenizer
@@ -136,16 +142,16 @@ def write_dataset(data_dir: Path, model_dir: Path, *, pairs: int, prompt_tokens:
         while True:
             longer = out + " " + rng.choice(words) if out or leading_space else rng.choice(words)
             if len(tokenizer(longer, add_special_tokens=False)["input_ids"]) > tokens:
-                return out
+                return out or longer  # one word at least: a budget below a word's tokens must not give ""
             out = longer
 
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "train.jsonl", "w") as handle:
-        for _ in range(pairs):
+        for prompt_tokens, chosen_tokens, rejected_tokens in lengths:
             row = {
                 "prompt": text(prompt_tokens - 1, leading_space=False),  # + BOS
-                "chosen": text(completion_tokens - 1, leading_space=True),  # + EOS
-                "rejected": text(completion_tokens - 1, leading_space=True),
+                "chosen": text(chosen_tokens - 1, leading_space=True),  # + EOS
+                "rejected": text(rejected_tokens - 1, leading_space=True),
             }
             handle.write(json.dumps(row) + "\n")
 
@@ -281,19 +287,39 @@ def run_trl(work: Path, case: str, steps: int, *, precompute: bool, peft_config=
     }
 
 
-def child(args: argparse.Namespace) -> None:
+def start_child(args: argparse.Namespace) -> Path | None:
+    """A side's process: its threads and seed; the work dir, or None once ``prepare`` (the tokenize and
+    reference stages of our config, shared by every side) is done. The benches that reuse this script call it."""
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = Path(args.work)
-    if args.side == "prepare":
-        from pipeline.reference.stage import reference_stage
-        from pipeline.tokenize.stage import tokenize_stage
+    if args.side != "prepare":
+        return work
+    from pipeline.reference.stage import reference_stage
+    from pipeline.tokenize.stage import tokenize_stage
 
-        config = our_config(work, args.case, args.steps, args.zero3_config)
-        tokenize_stage(config)
-        reference_stage(config)
+    config = our_config(work, args.case, args.steps, args.zero3_config)
+    tokenize_stage(config)
+    reference_stage(config)
+    return None
+
+
+def add_side_arguments(parser: argparse.ArgumentParser, sides: tuple[str, ...], case: str) -> None:
+    """The arguments a bench reusing :func:`run_side` takes besides its own: interleaving, threads, the work dir,
+    and the hidden ones its child processes get (``--side``, ``--case``, ``--zero3-config``)."""
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, sides interleaved")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    parser.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
+    parser.add_argument("--side", choices=("prepare", *sides), help=argparse.SUPPRESS)
+    parser.add_argument("--case", default=case, help=argparse.SUPPRESS)
+    parser.add_argument("--zero3-config", default=str(REPO_ROOT / "configs" / "ds_zero3.json"), help=argparse.SUPPRESS)
+
+
+def child(args: argparse.Namespace) -> None:
+    work = start_child(args)
+    if work is None:
         return
     if args.side == "ours":
         result = run_ours(work, args.case, args.steps, args.zero3_config)
