@@ -320,7 +320,7 @@ def honoured_layout(model, config, pad_token_id: int, device: torch.device | str
             attention,
             " and ".join(MASKED_ATTENTION),
         )
-    vocab = int(getattr(model, "module", model).config.vocab_size)
+    vocab = int(getattr(model, "module", model).config.get_text_config().vocab_size)
     generator = torch.Generator().manual_seed(0)
 
     def tokens(n: int) -> list[int]:
@@ -334,12 +334,12 @@ def honoured_layout(model, config, pad_token_id: int, device: torch.device | str
     model.eval()  # dropout off (LoRA's too): the two forwards must be comparable
     try:
         with torch.no_grad():
-            padded = completion_logps(model, collate_pairs(rows, pad_token_id).to(device)).logps
-            packed = completion_logps(model, collate(rows, pad_token_id, layout).to(device)).logps
+            padded = completion_logps(model, collate_pairs(rows, pad_token_id).to(device))
+            packed = completion_logps(model, collate(rows, pad_token_id, layout).to(device))
     finally:
         for module, training in modes:  # each module as it was (an inference engine's model stays in eval)
             module.training = training
-    per_token = (padded - packed).abs() / torch.tensor([4, 4, 5, 4], device=device)
+    per_token = (padded.logps - packed.logps).abs() / padded.lengths
     tolerance = 1e-3 if model_dtype(model) == torch.float32 else 5e-2
     if float(per_token.max()) <= tolerance:
         log.info("batch layout: %s (%s attention)", layout.describe(), attention)
