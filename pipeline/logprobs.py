@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # Bytes of one float32 chunk of logits (rows x positions x vocab x 4): 128 MiB whatever the vocabulary.
 CHUNK_BYTES = 128 * 2**20
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # PackedPairBatch.branch
+FULL, SLIDING = "full_attention", "sliding_attention"  # the layer types whose masks packed rows can build
 
 
 @dataclass
@@ -137,18 +138,31 @@ class PackedPairBatch:
             logit_tokens=self.completion_lengths.sum(dtype=torch.float64),
         )
 
-    def attention_mask(self, attention: str, dtype: torch.dtype) -> Tensor | None:
+    def attention_mask(self, attention: str, dtype: torch.dtype, model_config=None) -> Tensor | dict | None:
         """The (R, 1, L, L) mask for ``attention``: boolean for SDPA, additive for eager; None for the others,
-        which read the packing from the position ids (FlashAttention's varlen path)."""
+        which read the packing from the position ids (FlashAttention's varlen path, which applies a sliding
+        window itself). A model with sliding-window layers gets the window in position-id distance, as its padded
+        rows would (a shared prompt's rejected branch is then as far from the prompt as in its own row): one mask
+        when every layer slides (Mistral), one per layer type when they alternate (Gemma 2/3, Qwen2), the
+        mapping transformers' models accept in place of the mask they would build."""
         if attention not in MASKED_ATTENTION:
             if self.prefix_shared:
                 raise ValueError(f"prefix sharing needs {' or '.join(MASKED_ATTENTION)} attention, not {attention}")
             return None
+        window = getattr(model_config, "sliding_window", None)
+        layer_types = set(getattr(model_config, "layer_types", None) or ())
+        if window is None or not layer_types:
+            return self._block_mask(attention, dtype, window)
+        return {kind: self._block_mask(attention, dtype, window if kind == SLIDING else None) for kind in layer_types}
+
+    def _block_mask(self, attention: str, dtype: torch.dtype, window: int | None) -> Tensor:
         index = torch.arange(self.segment_ids.shape[1], device=self.segment_ids.device)
-        segments, branch = self.segment_ids, self.branch
-        allowed = (segments[:, :, None] == segments[:, None, :]) & (index[None, None, :] <= index[None, :, None])
+        segments, branch, positions = self.segment_ids, self.branch, self.position_ids
+        allowed = (segments[:, :, None] == segments[:, None, :]) & (index[None, None, :] <= index[:, None])
         # A rejected query sees the prompt and the rejected tokens before it, never the chosen branch.
         allowed &= ~((branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN))
+        if window is not None:
+            allowed &= positions[:, :, None] - positions[:, None, :] < window
         if attention == "sdpa":
             return allowed[:, None]
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
@@ -157,7 +171,9 @@ class PackedPairBatch:
     def _forward(self, model) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         logits = model(
             input_ids=self.input_ids,
-            attention_mask=self.attention_mask(attention_implementation(model), model_dtype(model)),
+            attention_mask=self.attention_mask(
+                attention_implementation(model), model_dtype(model), model_config(model)
+            ),
             position_ids=self.position_ids,
             logits_to_keep=self.keep,
             use_cache=False,
@@ -320,7 +336,11 @@ def honoured_layout(model, config, pad_token_id: int, device: torch.device | str
             attention,
             " and ".join(MASKED_ATTENTION),
         )
-    vocab = int(getattr(model, "module", model).config.get_text_config().vocab_size)
+    unknown = set(getattr(model_config(model), "layer_types", None) or ()) - {FULL, SLIDING}
+    if unknown:  # chunked or linear attention layers: masks packed rows cannot describe
+        log.warning("padding_free: %s layers cannot take packed rows; scoring padded rows", ", ".join(sorted(unknown)))
+        return dataclasses.replace(layout, padding_free=False, prefix_sharing=False)
+    vocab = int(model_config(model).vocab_size)
     generator = torch.Generator().manual_seed(0)
 
     def tokens(n: int) -> list[int]:
@@ -364,10 +384,14 @@ def _example_ids(rows: Sequence[dict]) -> Tensor:
     return torch.tensor([int(row["example_id"]) for row in rows], dtype=torch.long)
 
 
+def model_config(model):
+    """The text model's config of a (DeepSpeed-wrapped, peft-wrapped) Hugging Face model."""
+    return getattr(model, "module", model).config.get_text_config()  # module: a DeepSpeed engine's model
+
+
 def attention_implementation(model) -> str:
     """The attention a (DeepSpeed-wrapped, peft-wrapped) Hugging Face model runs: ``sdpa``, ``eager``, ..."""
-    module = getattr(model, "module", model)  # a DeepSpeed engine's model
-    return str(module.config._attn_implementation)
+    return str(getattr(model, "module", model).config._attn_implementation)
 
 
 def model_dtype(model) -> torch.dtype:

@@ -145,8 +145,46 @@ def test_a_model_that_ignores_the_packed_mask_is_scored_padded(tiny_model_dir, m
     assert honoured_layout(model, config, pad_token_id=2) == BatchLayout(True, True, max_packed_tokens=64)
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
     # A model whose attention drops custom masks (as remote code without the 4D-mask path does): plain causal.
-    monkeypatch.setattr(logprobs.PackedPairBatch, "attention_mask", lambda self, attention, dtype: None)
+    monkeypatch.setattr(logprobs.PackedPairBatch, "attention_mask", lambda self, *args: None)
     with caplog.at_level("WARNING"):
         layout = honoured_layout(model, config, pad_token_id=2)
     assert layout == BatchLayout(padding_free=False, prefix_sharing=False, max_packed_tokens=64)
     assert "does not honour packed rows" in caplog.text and "scoring padded rows instead" in caplog.text
+
+
+def small_model(architecture: str, attention: str):
+    """A randomly initialised model of ``architecture`` with a sliding window of 5 tokens, shorter than the test
+    sequences: every layer (Mistral), alternating with full layers (Gemma 2), some layers (Qwen2)."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=5, attn_implementation=attention,
+    )  # fmt: skip
+    extra = {
+        "mistral": {},
+        "gemma2": {"query_pre_attn_scalar": 8, "final_logit_softcapping": None, "attn_logit_softcapping": None},
+        "qwen2": {"use_sliding_window": True, "max_window_layers": 1},
+    }[architecture]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(architecture, **common, **extra)).eval()
+
+
+@pytest.mark.parametrize(
+    "architecture, attention",
+    [("mistral", "sdpa"), ("mistral", "eager"), ("gemma2", "eager"), ("qwen2", "sdpa"), ("qwen2", "eager")],
+)  # transformers has no SDPA for Gemma 2
+def test_sliding_window_layers_keep_their_window_in_packed_rows(architecture, attention):
+    model = small_model(architecture, attention)
+    layer_types = getattr(model.config, "layer_types", None)
+    assert architecture == "mistral" or {"full_attention", "sliding_attention"} <= set(layer_types)
+    rows = random_rows(5, seed=7)  # prompts up to 12 tokens and completions up to 8: longer than the window
+    with torch.no_grad():
+        padded = completion_logps(model, collate_pairs(rows, 2)).logps
+        for sharing in (True, False):
+            packed = completion_logps(model, pack_pairs(rows, prefix_sharing=sharing, max_tokens=40)).logps
+            torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+        # Without the window the packed rows would see more context than the padded ones: a real difference.
+        model.config.sliding_window = None
+        unwindowed = completion_logps(model, pack_pairs(rows, prefix_sharing=True)).logps
+    assert (unwindowed - padded).abs().max() > 1e-3
