@@ -1,10 +1,10 @@
 """How the pairs of a batch are laid out for the forward (torch-free: the config checks it in any process).
 
-``padding_free`` (TRL's name) packs a micro-batch's pairs into one row without padding; ``prefix_sharing`` also
-computes each pair's prompt once, chosen and rejected branching off it under a block mask
-(:mod:`pipeline.logprobs` builds both layouts and says why they give the padded log-probs). The block mask is a
-4D mask, which SDPA and eager attention take and FlashAttention does not: FlashAttention packs by position ids
-alone (its varlen path), so there the prompt is not shared.
+``padding_free`` (TRL's name) packs a micro-batch's pairs into rows of at most ``max_packed_tokens`` without
+padding inside them; ``prefix_sharing`` also computes each pair's prompt once, chosen and rejected branching off
+it under a block mask (:mod:`pipeline.logprobs` builds both layouts and says why they give the padded log-probs).
+The block mask is a 4D mask, which SDPA and eager attention take and FlashAttention does not: FlashAttention
+packs by position ids alone (its varlen path), so there the prompt is not shared.
 """
 
 from __future__ import annotations
