@@ -3,7 +3,9 @@
 What is measured, per optimizer step (:meth:`StepThroughput.metrics`):
 
 * ``tokens_per_second``: real (non-padding) tokens run through forward on all ranks, per wall second of the step;
-  ``tokens_per_second_per_device`` is that over ``world_size``.
+  ``tokens_per_second_per_device`` is that over ``world_size``. With a shared prompt (``prefix_sharing``) the
+  prompt is run, and counted, once per pair: compare layouts in pairs per second, or in the two-sequence tokens
+  the reference manifest and ``bench/bench_packing.py`` count.
 * ``padding_fraction``: the share of the positions the hardware ran that were padding, 1 - tokens / positions.
 * ``tflops_per_device``: model FLOPs per second per device, in 1e12 (reported even when the peak is unknown).
 * ``mfu``: model FLOPs / (seconds x world size x per-device peak), when :func:`peak_flops` knows the peak.
