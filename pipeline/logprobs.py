@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 128 * 2**20
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # PackedPairBatch.branch
 FULL, SLIDING = "full_attention", "sliding_attention"  # the layer types whose masks packed rows can build
+_ANNOUNCED: set[tuple[BatchLayout, str]] = set()  # layouts this process has logged
 
 
 @dataclass
@@ -362,7 +363,9 @@ def honoured_layout(model, config, pad_token_id: int, device: torch.device | str
     per_token = (padded.logps - packed.logps).abs() / padded.lengths
     tolerance = 1e-3 if model_dtype(model) == torch.float32 else 5e-2
     if float(per_token.max()) <= tolerance:
-        log.info("batch layout: %s (%s attention)", layout.describe(), attention)
+        if (layout, attention) not in _ANNOUNCED:  # once per process, not once per TR-DPO window
+            _ANNOUNCED.add((layout, attention))
+            log.info("batch layout: %s (%s attention)", layout.describe(), attention)
         return layout
     log.warning(
         "padding_free: this %s model (%s attention) does not honour packed rows (log-probs off by %.3g per token); "
