@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 128 * 2**20
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # PackedPairBatch.branch
 FULL, SLIDING = "full_attention", "sliding_attention"  # the layer types whose masks packed rows can build
-_ANNOUNCED: set[tuple[BatchLayout, str]] = set()  # layouts this process has logged
 
 
 @dataclass
@@ -363,14 +362,12 @@ def honoured_layout(model, config, pad_token_id: int, device: torch.device | str
     per_token = (padded.logps - packed.logps).abs() / padded.lengths
     tolerance = 1e-3 if model_dtype(model) == torch.float32 else 5e-2
     if float(per_token.max()) <= tolerance:
-        if (layout, attention) not in _ANNOUNCED:  # once per process, not once per TR-DPO window
-            _ANNOUNCED.add((layout, attention))
-            log.info("batch layout: %s (%s attention)", layout.describe(), attention)
+        log.info("batch layout: %s (%s attention)", layout.describe(), attention)
         return layout
     log.warning(
         "padding_free: this %s model (%s attention) does not honour packed rows (log-probs off by %.3g per token); "
         "scoring padded rows instead",
-        getattr(getattr(model, "module", model).config, "model_type", "?"),
+        getattr(model_config(model), "model_type", "?"),
         attention,
         float(per_token.max()),
     )
@@ -387,19 +384,24 @@ def _example_ids(rows: Sequence[dict]) -> Tensor:
     return torch.tensor([int(row["example_id"]) for row in rows], dtype=torch.long)
 
 
+def _hf_model(model):
+    """The (peft-wrapped) Hugging Face model inside a DeepSpeed engine, or the model itself."""
+    return getattr(model, "module", model)
+
+
 def model_config(model):
     """The text model's config of a (DeepSpeed-wrapped, peft-wrapped) Hugging Face model."""
-    return getattr(model, "module", model).config.get_text_config()  # module: a DeepSpeed engine's model
+    return _hf_model(model).config.get_text_config()
 
 
 def attention_implementation(model) -> str:
     """The attention a (DeepSpeed-wrapped, peft-wrapped) Hugging Face model runs: ``sdpa``, ``eager``, ..."""
-    return str(getattr(model, "module", model).config._attn_implementation)
+    return str(_hf_model(model).config._attn_implementation)
 
 
 def model_dtype(model) -> torch.dtype:
     """The dtype the model computes in: its input embeddings' (a quantised base's first weights may be uint8)."""
-    return getattr(model, "module", model).get_input_embeddings().weight.dtype
+    return _hf_model(model).get_input_embeddings().weight.dtype
 
 
 def _chunk(rows: int, vocab: int) -> int:

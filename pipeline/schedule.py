@@ -16,6 +16,7 @@ dropped (its examples come first in some other epoch's permutation), so every st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,14 +65,21 @@ class TrainingSchedule:
         return np.concatenate([self.step_ids(s) for s in range(start_step, min(stop_step, self.num_steps))])
 
     def micro_batches(
-        self, step: int, rank: int, world: int, accumulation: int, lengths: np.ndarray | None = None, *, packed=False
+        self,
+        step: int,
+        rank: int,
+        world: int,
+        accumulation: int,
+        pair_tokens: Callable[[np.ndarray], np.ndarray] | None = None,
+        *,
+        packed: bool = False,
     ) -> list[np.ndarray]:
         """This rank's micro-batches of a step, in accumulation order: micro-batch ``a`` of rank ``r`` is bin
         ``a * world + r`` of the global batch cut into ``world * accumulation`` bins, so every rank makes the same
         number of forwards (ZeRO-3 needs ranks in lockstep) and the bins do not depend on how they are spread.
 
-        ``lengths``: each pair's tokens in the run's layout (aligned with :meth:`step_ids`). Without them the bins
-        are equal slices in schedule order. With them, padded rows (``packed`` false) get equal slices of the
+        ``pair_tokens``: example ids -> each pair's tokens in the run's layout. Without it the bins are equal
+        slices in schedule order. With it, padded rows (``packed`` false) get equal slices of the
         batch sorted by length, so a micro-batch pads to a length near its own; packed rows get bins balanced
         by tokens (longest pair first into the lightest bin), of unequal pair counts: the caller weights each
         micro-batch's mean loss by its pairs (:meth:`pair_weight`). The gradient is a sum over pairs, so
@@ -79,6 +87,7 @@ class TrainingSchedule:
         micro-batch) sees different micro-batches."""
         batch = self.step_ids(step)
         bins = world * accumulation
+        lengths = None if pair_tokens is None else pair_tokens(batch)
         if lengths is None or not packed:
             if lengths is not None:
                 batch = batch[np.lexsort((batch, lengths))]

@@ -59,8 +59,12 @@ def test_length_aware_bins_hold_the_global_batch_and_do_not_depend_on_the_proces
     for step in range(one.num_steps):
         ids = one.step_ids(step)
         lengths = np.array([lengths_of[i] for i in ids])
-        bins_one = one.micro_batches(step, 0, 1, 4, lengths, packed=packed)
-        bins_two = [two.micro_batches(step, r, 2, 2, lengths, packed=packed) for r in range(2)]
+
+        def pair_tokens(batch):
+            return np.array([lengths_of[int(i)] for i in batch])
+
+        bins_one = one.micro_batches(step, 0, 1, 4, pair_tokens, packed=packed)
+        bins_two = [two.micro_batches(step, r, 2, 2, pair_tokens, packed=packed) for r in range(2)]
         # Bin a * world + r is rank r's micro-batch a: the same four bins, spread differently.
         assert [b.tolist() for b in bins_one] == [bins_two[a % 2][a // 2].tolist() for a in range(4)]
         assert sorted(np.concatenate(bins_one).tolist()) == sorted(ids.tolist())  # every pair once

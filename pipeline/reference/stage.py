@@ -90,12 +90,14 @@ def compute_reference_logps(
     example_ids: Mapping[str, Sequence[int] | np.ndarray] | None = None,
     extra_inputs: Mapping | None = None,
     shard_size: int = 2048,
+    layout: BatchLayout | None = None,
 ) -> Path:
     """Score ``splits`` of ``tokenized_dir`` (all examples, or the unique ``example_ids`` given per split) into
     ``out_dir``, with the model in ``model_dir`` (an inference engine loaded here), or with a live ``engine``
     whose weights are identified by ``weights`` (TR-DPO's reference versions inside the training job: the
     identity enters the fingerprint where a model directory's content hash would). ``extra_inputs`` join the
-    fingerprint. Collective.
+    fingerprint. ``layout``: the batch layout a live engine was already found to honour (None: probed here,
+    :func:`pipeline.logprobs.honoured_layout`). Collective.
 
     Returns at once when ``out_dir`` holds a complete artifact with the same fingerprint; otherwise keeps the
     valid shards already there and computes the rest."""
@@ -159,25 +161,28 @@ def compute_reference_logps(
                 len(reused),
             )
         pad = int(tokenized["pad_token_id"])
-        if engine is not None:
+
+        def score(scorer, batch_size: int, known_layout: BatchLayout | None) -> None:
             _score_shards(
-                config, engine, _reference_batch_size(config), tables, todo, out_dir, fp, pad_token_id=pad, stats=stats
+                config,
+                scorer,
+                batch_size,
+                tables,
+                todo,
+                out_dir,
+                fp,
+                pad_token_id=pad,
+                stats=stats,
+                layout=known_layout,
             )
+
+        if engine is not None:
+            score(engine, _reference_batch_size(config), layout)
         else:
             assert model_dir is not None  # checked above: without an engine, model_dir is required
             loaded = _load_engine(config, model_dir)
             try:
-                _score_shards(
-                    config,
-                    loaded,
-                    int(loaded.train_micro_batch_size_per_gpu()),
-                    tables,
-                    todo,
-                    out_dir,
-                    fp,
-                    pad_token_id=pad,
-                    stats=stats,
-                )
+                score(loaded, int(loaded.train_micro_batch_size_per_gpu()), None)  # a new engine: probed
             finally:
                 loaded.destroy()
     if is_main_process():
@@ -384,9 +389,11 @@ def _score_shards(
     *,
     pad_token_id: int,
     stats: _Stats,
+    layout: BatchLayout | None = None,
 ) -> None:
     me, world = rank(), world_size()
-    layout = honoured_layout(engine, config, pad_token_id, device())
+    if layout is None:
+        layout = honoured_layout(engine, config, pad_token_id, device())
     _check_fits(layout, tables)
     rows_of = {split: table.column("example_id").to_numpy() for split, table in tables.items()}
     total = sum(
@@ -441,10 +448,7 @@ def _score_batch(
         "ref_rejected_public_logps": rejected_public,
         "chosen_length": chosen_len,
         "rejected_length": rejected_len,
-        # The two sequences' tokens, whatever the layout ran: the rate stays comparable across layouts.
-        "tokens": sum(
-            2 * len(r["prompt_input_ids"]) + len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows
-        ),
+        "tokens": _sequence_tokens(table.take(pa.array(indices))),  # whatever the layout ran
     }
 
 

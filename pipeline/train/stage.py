@@ -521,6 +521,7 @@ class DPOTrainingRecipe:
                 self.resume_from[1] if self.resume_from else None,
                 client,
                 self.step,
+                layout,
             )
         barrier()  # CPU ranks measure their matmul peak together, as they will share the cores in training
         peak, peak_source = peak_flops(self.engine.device, torch.bfloat16 if self.config.bf16 else torch.float32)
@@ -553,9 +554,8 @@ class DPOTrainingRecipe:
         learning_rate = self.engine.get_lr()[0]
         sums = MetricSums(self.engine.device)
         accumulation, layout = self.config.gradient_accumulation_steps, self.train.layout
-        lengths = self.train.lengths(self.schedule.step_ids(step))
         for ids in self.schedule.micro_batches(
-            step, self.rank, self.world, accumulation, lengths, packed=layout.padding_free
+            step, self.rank, self.world, accumulation, self.train.lengths, packed=layout.padding_free
         ):
             loss, metrics, counts = self._forward_loss(ids, self.train, self.loss_state)
             if step + 1 == _INJECTED_NONFINITE_STEP:

@@ -74,6 +74,7 @@ from pipeline.artifacts import (
 from pipeline.config import DPOPipelineConfig
 from pipeline.distributed import all_gather_objects, device, on_gpu
 from pipeline.errors import ArtifactError
+from pipeline.layout import BatchLayout
 from pipeline.ranks import is_main_process, rank, world_size
 from pipeline.reference.cache import ReferenceLogps, load_reference_logps, reference_counts, reference_forward_count
 from pipeline.reference.stage import compute_reference_logps
@@ -401,6 +402,7 @@ class TRDPOWindows:
         self.tokenized_dir, self.tokenized_fingerprint = tokenized_dir, tokenized_fingerprint
         self.plan = WindowPlan.of(config, schedule)
         self.slices: ReferenceSlices | None = None
+        self.layout: BatchLayout | None = None  # the windows' batch layout, set by start()
         self.loaded_window: int | None = None  # the window whose log-probs the steps read now
         self.version = -1
         self.fingerprints: dict[int, str] = {}
@@ -440,9 +442,13 @@ class TRDPOWindows:
             version_dir(self.run_dir, k), kind=VERSION_KIND, schema_version=VERSION_SCHEMA, verify_files=False
         )
 
-    def start(self, engine, zero3: bool, resumed: Path | None, client: dict | None, step: int) -> ReferenceLogps:
+    def start(
+        self, engine, zero3: bool, resumed: Path | None, client: dict | None, step: int, layout: BatchLayout
+    ) -> ReferenceLogps:
         """At setup: v0 from the policy's initial weights, or the checkpoint's version and slices on resume;
-        returns the log-probs of the window ``step`` is in (synced and scored first where needed)."""
+        returns the log-probs of the window ``step`` is in (synced and scored first where needed). ``layout``:
+        the batch layout training found ``engine`` honours, which every window is scored in."""
+        self.layout = layout
         kind = AdapterReferenceSlices if self.config.use_peft else ReferenceSlices
         self.slices = kind(engine, zero3, on_device=self.config.ref_slices_on_device)
         if resumed is None:
@@ -543,6 +549,7 @@ class TRDPOWindows:
                     weights=self.fingerprints[k],
                     example_ids={"train": self.plan.example_ids(k)},
                     extra_inputs=self._extra(k),
+                    layout=self.layout,
                 )
         finally:
             engine.train()
